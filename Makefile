@@ -1,0 +1,31 @@
+# kiln: `make train` and `make test` set up .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+# The local CPU build on dev machines; GPU clusters override, e.g. TORCH_SPEC="torch==2.13.0 --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+RECIPE ?= recipes/tiny.yaml
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kiln-installed
+
+.PHONY: train test bench venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip setuptools wheel
+	$(BIN)/pip install $(TORCH_SPEC)
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/kiln train $(RECIPE) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .kiln-cache

@@ -1,0 +1,119 @@
+"""kiln.kernels: fused ops, each with a torch reference and one dispatch point (dispatch.py).
+
+Layers call the functions below; which implementation runs is decided in dispatch.py only.
+Triton implementations are registered lazily: triton is imported on the first call that takes
+the Triton path, so importing kiln.kernels on a CPU machine never imports triton (that matters
+because triton fixes compile-vs-interpret when it is first imported).
+"""
+import importlib
+import importlib.util
+
+from kiln.kernels import dispatch
+from kiln.kernels.block_attention import attention_bwd as attention_bwd_ref
+from kiln.kernels.block_attention import attention_fwd as attention_fwd_ref
+from kiln.kernels.config import KernelsConfig
+from kiln.kernels.cross_entropy import linear_cross_entropy_ref
+from kiln.kernels.moe import moe_permute_ref, moe_unpermute_ref
+from kiln.kernels.reference import attention_ref, rms_norm_ref, rope_cos_sin, rope_ref, swiglu_ref
+
+dispatch.register("rms_norm", "torch", rms_norm_ref)
+dispatch.register("swiglu", "torch", swiglu_ref)
+dispatch.register("rope", "torch", rope_ref)
+dispatch.register("attention", "torch", attention_ref)
+dispatch.register("attention_fwd", "torch", attention_fwd_ref)
+dispatch.register("attention_bwd", "torch", attention_bwd_ref)
+dispatch.register("linear_cross_entropy", "torch", linear_cross_entropy_ref)
+dispatch.register("moe_permute", "torch", moe_permute_ref)
+dispatch.register("moe_unpermute", "torch", moe_unpermute_ref)
+
+
+def _lazy(module: str, attr: str):
+    """A callable that imports `kiln.kernels.<module>` on first use and calls its `attr`."""
+    target = {}
+
+    def call(*args, **kwargs):
+        if not target:
+            target["fn"] = getattr(importlib.import_module(f"kiln.kernels.{module}"), attr)
+        return target["fn"](*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = attr
+    call.__doc__ = f"Triton implementation kiln.kernels.{module}.{attr} (imported on first call)."
+    return call
+
+
+_TRITON_OPS = {
+    "rms_norm": ("rms_norm_triton", "rms_norm_triton"),
+    "swiglu": ("swiglu_triton", "swiglu_triton"),
+    "rope": ("rope_triton", "apply_rope_triton"),
+    "attention": ("flash_attention", "attention_triton"),
+    "attention_fwd": ("flash_attention", "attention_fwd"),
+    "attention_bwd": ("flash_attention", "attention_bwd"),
+    "linear_cross_entropy": ("cross_entropy_triton", "linear_cross_entropy_triton"),
+    "moe_permute": ("moe_triton", "moe_permute_triton"),
+    "moe_unpermute": ("moe_triton", "moe_unpermute_triton"),
+}
+if importlib.util.find_spec("triton") is not None:
+    for _op, (_mod, _fn) in _TRITON_OPS.items():
+        dispatch.register(_op, "triton", _lazy(_mod, _fn))
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm of x over its last dim, times weight."""
+    return dispatch.get("rms_norm", x.device)(x, weight, eps)
+
+
+def swiglu(gate, up):
+    """silu(gate) * up."""
+    return dispatch.get("swiglu", gate.device)(gate, up)
+
+
+def apply_rope(x, cos, sin):
+    """Rotary position embedding of x [B, S, H, D] with tables [B, S, D/2] from rope_cos_sin."""
+    return dispatch.get("rope", x.device)(x, cos, sin)
+
+
+def attention(q, k, v, *, causal: bool, scale: float | None = None, doc_ids=None):
+    """Softmax attention, q [B, S, Hq, D], k/v [B, S, Hkv, D], optional doc_ids [B, S] masks."""
+    return dispatch.get("attention", q.device)(q, k, v, causal=causal, scale=scale, doc_ids=doc_ids)
+
+
+def attention_fwd(q, k, v, *, causal: bool, scale: float, q_doc=None, k_doc=None):
+    """Block attention forward for ring algorithms: (out, lse [B, Hq, Sq] fp32); see block_attention."""
+    return dispatch.get("attention_fwd", q.device)(q, k, v, causal=causal, scale=scale,
+                                                    q_doc=q_doc, k_doc=k_doc)
+
+
+def attention_bwd(dout, q, k, v, out, lse, *, causal: bool, scale: float, q_doc=None, k_doc=None,
+                  delta=None):
+    """Block attention backward (dq, dk, dv) in fp32; lse/delta may be the global ones."""
+    return dispatch.get("attention_bwd", q.device)(dout, q, k, v, out, lse, causal=causal,
+                                                    scale=scale, q_doc=q_doc, k_doc=k_doc,
+                                                    delta=delta)
+
+
+def linear_cross_entropy(hidden, weight, labels, *, ignore_index: int = -100, z_loss: float = 0.0):
+    """Mean CE of hidden [N, D] @ weight[V, D].T against labels [N], without full logits."""
+    fn = dispatch.get("linear_cross_entropy", hidden.device)
+    return fn(hidden, weight, labels, ignore_index=ignore_index, z_loss=z_loss,
+              chunk=dispatch.setting("ce_chunk_tokens"))
+
+
+def moe_permute(x, expert_idx, num_experts: int):
+    """Copy token rows x [N, D] to their k experts: (x_perm [N*k, D] grouped by ascending expert,
+    stable within one, tokens_per_expert [E], row_map [N, k] = x_perm row of each choice)."""
+    return dispatch.get("moe_permute", x.device)(x, expert_idx, num_experts)
+
+
+def moe_unpermute(y_perm, row_map, weights):
+    """Combine expert outputs y_perm [N*k, D] back to [N, D]: sum_c weights[n, c] * y_perm[row_map[n, c]]."""
+    return dispatch.get("moe_unpermute", y_perm.device)(y_perm, row_map, weights)
+
+
+def configure(cfg: KernelsConfig) -> None:
+    """Apply the recipe's kernels section."""
+    dispatch.configure(cfg.use, cfg.ce_chunk_tokens)
+
+
+__all__ = ["KernelsConfig", "apply_rope", "attention", "attention_bwd", "attention_fwd", "configure",
+           "dispatch", "linear_cross_entropy", "moe_permute", "moe_unpermute", "rms_norm",
+           "rope_cos_sin", "swiglu"]

@@ -1,0 +1,86 @@
+"""The `kiln` command as users meet it: help, and one clear line + exit 2 for each mistake."""
+import shutil
+
+import pytest
+
+from tests.trainer.conftest import ROOT, kiln
+
+
+def one_error_line(res, *fragments):
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kiln: error: "), res.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_help_lists_commands():
+    res = kiln("--help")
+    for cmd in ("train", "prepare", "config", "report"):
+        assert cmd in res.stdout
+    assert "--no-resume" in kiln("train", "--help").stdout
+
+
+def test_config_prints_resolved_recipe_and_reference():
+    res = kiln("config", ROOT / "recipes/tiny.yaml", "--set", "train.steps=3")
+    assert "steps: 3" in res.stdout and "name: tiny" in res.stdout
+    assert "| `train.steps` | int |" in kiln("config", "--reference").stdout
+
+
+def test_missing_recipe(tmp_path):
+    for cmd in ("train", "prepare", "config"):
+        one_error_line(kiln(cmd, tmp_path / "nope.yaml", check=False), "not found", "nope.yaml")
+
+
+def test_unknown_key_and_bad_override(tmp_path):
+    one_error_line(kiln("config", ROOT / "recipes/tiny.yaml", "--set", "train.stepz=3", check=False),
+                   "unknown key 'train.stepz'", "did you mean 'steps'")
+    one_error_line(kiln("train", ROOT / "recipes/tiny.yaml", "--set", "model.n_kv_heads=3", check=False),
+                   "n_kv_heads")
+    one_error_line(kiln("train", ROOT / "recipes/tiny.yaml", "--nproc", "3", "--set", "parallel.sp=2",
+                        check=False), "multiple of parallel.sp")
+
+
+def test_unknown_command_and_missing_argument():
+    res = kiln("trian", check=False)
+    assert res.returncode == 2 and "invalid choice" in res.stderr
+    res = kiln("train", check=False)
+    assert res.returncode == 2 and "recipe" in res.stderr
+
+
+def test_unreadable_corpus_path(small_recipe):
+    one_error_line(kiln("prepare", small_recipe, "--set", "data.source=/no/such/corpus.txt", check=False),
+                   "/no/such/corpus.txt")
+
+
+def test_report_on_non_run_dir(tmp_path):
+    one_error_line(kiln("report", tmp_path, check=False), "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_corrupt_data_files_and_mismatched_checkpoint(small_recipe, tmp_path, kiln_home):
+    res = kiln("train", small_recipe, "--set", "train.steps=3", "--set", "train.name=shape")
+    run = tmp_path / "runs" / "shape"
+    saved = sorted(p.name for p in (run / "checkpoints").rglob("*"))
+    # a checkpoint from a different model shape: refused, nothing touched
+    one_error_line(kiln("train", small_recipe, "--set", "train.steps=3", "--set", "train.name=shape",
+                        "--set", "model.dim=96", check=False), "model.dim=64", "96", "--no-resume")
+    assert sorted(p.name for p in (run / "checkpoints").rglob("*")) == saved
+    # corrupt prepared files: a copy of the cache with a truncated .bin, then a garbage .idx
+    cache = tmp_path / "cache"
+    shutil.copytree(kiln_home / "cache", cache)
+    override = ["--set", f"data.cache_dir={cache}"]
+    bins = sorted(cache.rglob("*.bin"))
+    assert bins, "the data cache should hold indexed .bin files"
+    data = bins[0].read_bytes()
+    bins[0].write_bytes(data[: len(data) // 2])
+    one_error_line(kiln("train", small_recipe, *override, "--set", "train.name=c1", check=False),
+                   "corrupt")
+    shutil.rmtree(cache)
+    shutil.copytree(kiln_home / "cache", cache)
+    idx = sorted(cache.rglob("*.idx"))[0]
+    idx.write_bytes(b"not an index" * 10)
+    one_error_line(kiln("train", small_recipe, *override, "--set", "train.name=c2", check=False),
+                   "corrupt")
+    assert res.returncode == 0

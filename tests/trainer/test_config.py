@@ -1,0 +1,95 @@
+"""Recipes: round trip, overrides, every validation message, shipped recipes, README reference."""
+from pathlib import Path
+
+import pytest
+
+from kiln.trainer.config import (ConfigError, Recipe, from_dict, load_recipe, parse_overrides,
+                                 reference_markdown, to_dict, to_yaml)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, text, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def error_of(tmp_path, text, overrides=()):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, text), overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    r = load_recipe(path)
+    assert r.train.name == path.stem
+
+
+def test_round_trip(tmp_path):
+    r = load_recipe(ROOT / "recipes/tiny.yaml", ["model.dim=128", "optim.lr=0.01"])
+    again = load_recipe(write(tmp_path, to_yaml(r)))
+    assert again == r
+    assert from_dict(to_dict(r)) == r
+
+
+def test_defaults_and_overrides(tmp_path):
+    r = load_recipe(write(tmp_path, "train:\n  steps: 7\n"),
+                    ["train.steps=9", "logging.wandb.mode=disabled", "optim.lr=1", "deepspeed.x.y=3"])
+    assert r.train.steps == 9
+    assert r.logging.wandb.mode == "disabled"
+    assert r.optim.lr == 1.0 and isinstance(r.optim.lr, float)  # ints are accepted as floats
+    assert r.deepspeed == {"x": {"y": 3}}
+    assert r.model == Recipe().model
+    assert r.train.name == "r"
+
+
+def test_override_parsing():
+    assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=x y"]) == {"a": {"b": 1, "c": [1, 2]}, "d": "x y"}
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides(["train.steps"])
+
+
+def test_unknown_key_suggests(tmp_path):
+    assert error_of(tmp_path, "train:\n  stpes: 3\n") == "unknown key 'train.stpes' (did you mean 'steps'?)"
+    assert "did you mean 'model'" in error_of(tmp_path, "modle:\n  dim: 3\n")
+    assert "unknown key 'optim.learning_rate'" in error_of(tmp_path, "train: {}\n", ["optim.learning_rate=1"])
+
+
+def test_wrong_type(tmp_path):
+    assert error_of(tmp_path, "train:\n  steps: many\n") == "train.steps must be int, got str 'many'"
+    assert "must be bool" in error_of(tmp_path, "model:\n  causal: 3\n")
+    assert "must be a section" in error_of(tmp_path, "train: 5\n")
+    assert "must be int, got bool" in error_of(tmp_path, "train:\n  steps: true\n")
+
+
+def test_bad_choice(tmp_path):
+    msg = error_of(tmp_path, "parallel:\n  sp_impl: tokenrng\n")
+    assert "parallel.sp_impl must be one of ['tokenring', 'ring']" in msg and "did you mean 'tokenring'" in msg
+
+
+def test_impossible_combinations(tmp_path):
+    assert "must be divisible by model.n_kv_heads" in error_of(tmp_path, "model:\n  n_heads: 4\n  n_kv_heads: 3\n")
+    assert "divisible by model.n_heads" in error_of(tmp_path, "model:\n  dim: 30\n  n_heads: 4\n")
+    assert "must be even for RoPE" in error_of(tmp_path, "model:\n  dim: 36\n  n_heads: 4\n")
+    msg = error_of(tmp_path, "parallel:\n  sp: 2\ndata:\n  seq_len: 250\n")
+    assert "data.seq_len (250) must be divisible by 2 * parallel.sp = 4" in msg
+    assert "multiple of parallel.sp" in error_of(tmp_path, "parallel:\n  sp: 2\ntrain:\n  nproc: 3\n")
+    assert "needs model.causal=true" in error_of(tmp_path, "model:\n  causal: false\n")
+    assert "train.steps must be >= 1" in error_of(tmp_path, "train:\n  steps: 0\n")
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    assert "is empty" in error_of(tmp_path, "")
+    assert "not valid YAML" in error_of(tmp_path, "model: [unclosed\n")
+    assert "must be a mapping" in error_of(tmp_path, "- a\n- b\n")
+
+
+def test_readme_reference_is_generated_from_the_schema():
+    readme = (ROOT / "README.md").read_text()
+    assert reference_markdown() in readme, "README recipe reference drifted: paste `kiln config --reference`"

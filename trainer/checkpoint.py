@@ -1,0 +1,113 @@
+"""Checkpoints: DeepSpeed's engine state plus kiln's own (step, tokens, RNG, recipe).
+
+Layout: <run_dir>/checkpoints/step_00000100/... with DeepSpeed's `latest` file naming the
+newest complete one. DeepSpeed writes `latest` only after every file of a tag is saved, so a
+run killed mid-save resumes from the previous checkpoint.
+"""
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used with this recipe; the message is one line."""
+
+
+def ckpt_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_tag(run_dir: Path) -> str | None:
+    """The newest complete checkpoint's tag, or None."""
+    f = ckpt_root(run_dir) / "latest"
+    return f.read_text().strip() if f.is_file() else None
+
+
+def saved_recipe(run_dir: Path) -> dict | None:
+    """The recipe (plain dict) stored with the newest checkpoint, or None if there is none."""
+    tag = latest_tag(run_dir)
+    if tag is None:
+        return None
+    f = ckpt_root(run_dir) / tag / "kiln_recipe.yaml"
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint {f.parent} is incomplete (no kiln_recipe.yaml): "
+                              "delete it and its `latest` entry, or run with --no-resume")
+    try:
+        return yaml.safe_load(f.read_text())
+    except yaml.YAMLError:
+        raise CheckpointError(f"{f} is corrupt: run with --no-resume to start over") from None
+
+
+def check_compatible(run_dir: Path, recipe_dict: dict) -> None:
+    """Refuse to resume a checkpoint whose model (or world layout) differs from the recipe."""
+    old = saved_recipe(run_dir)
+    if old is None:
+        return
+    for key, new_value in recipe_dict["model"].items():
+        old_value = old.get("model", {}).get(key)
+        if old_value != new_value:
+            raise CheckpointError(
+                f"checkpoint in {run_dir} has model.{key}={old_value!r} but the recipe says "
+                f"{new_value!r}: use another train.name, or --no-resume to start over")
+
+
+def save(engine, run_dir: Path, step: int, state: dict, recipe_dict: dict, keep: int) -> Path:
+    """Save engine + kiln state for `step` (collective: every rank calls it); prune old ones."""
+    root, tag = ckpt_root(run_dir), tag_for(step)
+    rank = dist.get_rank()
+    # kiln's files first: DeepSpeed's `latest` (written last) then marks the tag complete.
+    (root / tag).mkdir(parents=True, exist_ok=True)
+    torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
+    if rank == 0:
+        (root / tag / "kiln_recipe.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
+        (root / tag / "kiln_state.json").write_text(json.dumps(state))
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state={"kiln": state})
+    dist.barrier()
+    if rank == 0 and keep > 0:
+        tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+        for old in tags[:-keep]:
+            if old != tag:
+                shutil.rmtree(root / old, ignore_errors=True)
+    dist.barrier()
+    return root / tag
+
+
+def load(engine, run_dir: Path) -> dict | None:
+    """Restore the newest checkpoint into `engine`; returns kiln's state, or None if none."""
+    tag = latest_tag(run_dir)
+    if tag is None:
+        return None
+    path, client = engine.load_checkpoint(str(ckpt_root(run_dir)), tag=tag)
+    if path is None or "kiln" not in (client or {}):
+        raise CheckpointError(f"checkpoint {ckpt_root(run_dir) / tag} could not be loaded: "
+                              "run with --no-resume to start over")
+    rng = ckpt_root(run_dir) / tag / f"rng_rank{dist.get_rank()}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return client["kiln"]
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,144 @@
+"""The `kiln` command: train, prepare, config, report."""
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from kiln.trainer.checkpoint import CheckpointError, check_compatible, latest_tag
+from kiln.trainer.config import ConfigError, from_dict, load_recipe, reference_markdown, to_dict, to_yaml
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kiln", description="kiln: efficient LLM pretraining")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def with_recipe(name, help_):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe value, e.g. --set train.steps=50 (repeatable)")
+        return p
+
+    t = with_recipe("train", "train a recipe (prepares data first when needed; resumes its run dir)")
+    t.add_argument("--nproc", type=int, help="local ranks (overrides train.nproc)")
+    t.add_argument("--no-resume", action="store_true",
+                   help="start over: an existing run dir is moved aside, not deleted")
+    with_recipe("prepare", "tokenise the recipe's corpus into indexed files (cached)")
+    c = sub.add_parser("config", help="print the resolved recipe, or the recipe reference")
+    c.add_argument("recipe", nargs="?", help="recipe YAML")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value")
+    c.add_argument("--reference", action="store_true", help="print every recipe key as a markdown table")
+    r = sub.add_parser("report", help="summarise a run directory's metrics")
+    r.add_argument("run_dir", help="e.g. runs/tiny")
+    return ap
+
+
+def _prepare(recipe):
+    from kiln.data.prepare import prepare
+
+    return prepare(recipe.data, progress=True)
+
+
+def cmd_config(args) -> int:
+    if args.reference:
+        print(reference_markdown(), end="")
+        return 0
+    if not args.recipe:
+        raise ConfigError("kiln config needs a recipe path (or --reference)")
+    print(to_yaml(load_recipe(args.recipe, args.set)), end="")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    p = _prepare(load_recipe(args.recipe, args.set))
+    print(f"kiln: data ready in {p.dir} ({p.train_tokens:,} train / {p.valid_tokens:,} held-out tokens)")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from kiln.trainer import launch
+
+    recipe = load_recipe(args.recipe, args.set)
+    if args.nproc is not None:
+        recipe.train.nproc = args.nproc
+        recipe = from_dict(to_dict(recipe))  # re-check combinations with the new rank count
+    run_dir = Path(recipe.train.run_root) / recipe.train.name
+    if latest_tag(run_dir) is not None:
+        if args.no_resume:
+            aside = run_dir.with_name(f"{run_dir.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(str(run_dir), str(aside))
+            print(f"kiln: --no-resume: moved the old run to {aside}")
+        else:
+            check_compatible(run_dir, to_dict(recipe))
+            print(f"kiln: resuming {run_dir} from {latest_tag(run_dir)} (--no-resume starts over)")
+    if launch.in_launched_world():
+        return _train_in_world(recipe, run_dir)
+    data = _prepare(recipe)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
+    print(f"kiln: run dir {run_dir}, {recipe.train.nproc} local ranks", flush=True)
+    rc = launch.launch_local(recipe.train.nproc, run_dir, data.dir)
+    if rc == 0:
+        _print_where(run_dir, recipe)
+    return rc
+
+
+def _train_in_world(recipe, run_dir: Path) -> int:
+    """Under torchrun/srun: rank 0 prepares the data, then every rank trains."""
+    import torch.distributed as dist
+
+    from kiln.trainer.loop import init_distributed, pick_device, train
+
+    init_distributed(pick_device(recipe))
+    if dist.get_rank() == 0:
+        data = _prepare(recipe)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
+    dist.barrier()
+    from kiln.data.prepare import prepare
+
+    data = prepare(recipe.data, progress=False)  # cached: only validates and returns the paths
+    train(recipe, run_dir, Path(data.dir))
+    if dist.get_rank() == 0:
+        _print_where(run_dir, recipe)
+    return 0
+
+
+def _print_where(run_dir: Path, recipe) -> None:
+    print(f"\nkiln: done. Run directory: {run_dir}")
+    print(f"  checkpoints: {run_dir / 'checkpoints'} (newest: {latest_tag(run_dir)})")
+    print(f"  metrics:     {run_dir / recipe.logging.metrics_file}  ->  kiln report {run_dir}")
+    if recipe.logging.wandb.mode == "offline":
+        print(f"  W&B offline: {run_dir / 'wandb'}  ->  wandb sync {run_dir / 'wandb'}/offline-run-*")
+
+
+def cmd_report(args) -> int:
+    from kiln.trainer.report import report
+
+    try:
+        print(report(Path(args.run_dir)))
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    return 0
+
+
+def main(argv=None) -> int:
+    """Console entry point; user errors print one line and return 2."""
+    from kiln.data.errors import DataError
+
+    args = _parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "prepare": cmd_prepare, "config": cmd_config,
+                "report": cmd_report}[args.cmd](args)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kiln: interrupted; everything saved so far is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The recipe: YAML (omegaconf) + `--set` overrides -> typed, validated dataclasses.
+
+Each folder owns its section's dataclass; this module composes them, checks keys and types
+against the schema, and turns every user mistake into one ConfigError line.
+"""
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kiln.data.config import DataConfig
+from kiln.growth.config import GrowthConfig
+from kiln.kernels.config import KernelsConfig
+from kiln.parallel.config import ParallelConfig
+from kiln.slurm.config import SlurmConfig
+from kiln.trainer.sections import (CheckpointConfig, LoggingConfig, ModelConfig, ObjectiveConfig,
+                                   OptimConfig, ScheduleConfig, TrainConfig)
+
+
+class ConfigError(Exception):
+    """A recipe or override the user must fix; the message is one line."""
+
+
+@dataclass
+class Recipe:
+    """A whole training recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the network"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "corpus, tokenizer, packing"})
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "the loss"})
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"help": "rank layout, ZeRO"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "AdamW"})
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "learning rate"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the run"})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "saving"})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "monitoring"})
+    kernels: KernelsConfig = field(default_factory=KernelsConfig, metadata={"help": "fused ops"})
+    growth: GrowthConfig = field(default_factory=GrowthConfig, metadata={"help": "model growth"})
+    slurm: SlurmConfig = field(default_factory=SlurmConfig, metadata={"help": "cluster allocation"})
+    deepspeed: dict = field(default_factory=dict, metadata={
+        "help": "raw DeepSpeed config keys merged over the generated config"})
+
+
+def _did_you_mean(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value, tp, where: str):
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a section (mapping), got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (typing.Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is typing.Any:
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where} must be {tp.__name__}, got bool {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, values: dict, where: str):
+    """Instantiate dataclass `cls` from a plain dict, checking keys, types and choices."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown key '{path}'{_did_you_mean(str(key), fields)}")
+        value = _coerce(value, hints[key], path)
+        choices = fields[key].metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{path} must be one of {choices}, got {value!r}"
+                              f"{_did_you_mean(str(value), map(str, choices))}")
+        kwargs[key] = value
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        try:
+            obj.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return obj
+
+
+def _check_combination(r: Recipe) -> None:
+    """Constraints that span sections."""
+    if r.parallel.sp > 1:
+        if r.train.nproc % r.parallel.sp:
+            raise ConfigError(f"train.nproc ({r.train.nproc}) must be a multiple of parallel.sp "
+                              f"({r.parallel.sp})")
+        if r.data.seq_len % (2 * r.parallel.sp):
+            raise ConfigError(f"data.seq_len ({r.data.seq_len}) must be divisible by 2 * parallel.sp "
+                              f"= {2 * r.parallel.sp} for the zigzag layout")
+    if r.objective.name == "clm" and not r.model.causal:
+        raise ConfigError("objective.name=clm needs model.causal=true (an encoder would see the "
+                          "tokens it predicts)")
+
+
+def parse_overrides(overrides) -> dict:
+    """`a.b=c` strings -> nested dict, values parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override key '{key}' is not a dotted path like train.steps")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path) -> dict:
+    """Read a recipe file into a plain dict (interpolations resolved)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe file '{path}' not found: pass a path such as recipes/tiny.yaml")
+    try:
+        if not p.read_text().strip():
+            raise ConfigError(f"recipe '{path}' is empty: start from recipes/tiny.yaml")
+        conf = OmegaConf.load(p)
+        data = OmegaConf.to_container(conf, resolve=True)
+    except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"recipe '{path}' is not valid YAML: {first}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe '{path}' must be a mapping of sections (model:, data:, ...)")
+    return data
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """Deep-merge `extra` over `base` (dicts only; everything else is replaced)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def from_dict(values: dict) -> Recipe:
+    """Validate a plain dict into a Recipe (raises ConfigError)."""
+    recipe = _build(Recipe, values, "")
+    _check_combination(recipe)
+    return recipe
+
+
+def load_recipe(path, overrides=()) -> Recipe:
+    """Load a recipe file, apply `--set` overrides, validate."""
+    values = merge(load_yaml(path), parse_overrides(overrides))
+    recipe = from_dict(values)
+    if not recipe.train.name:
+        recipe.train.name = Path(path).stem
+    return recipe
+
+
+def to_dict(recipe) -> dict:
+    """The resolved recipe as a plain dict (round-trips through from_dict)."""
+    return dataclasses.asdict(recipe)
+
+
+def to_yaml(recipe) -> str:
+    """The resolved recipe as YAML."""
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+def reference_rows(cls=Recipe, prefix: str = ""):
+    """(key, type, default, help) for every leaf field of the schema, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from reference_rows(tp, key + ".")
+            continue
+        help_ = f.metadata.get("help", "")
+        if "choices" in f.metadata:
+            help_ += " (" + " \\| ".join(map(str, f.metadata["choices"])) + ")"
+        yield key, _type_name(tp), repr(getattr(defaults, f.name)), help_
+
+
+def reference_markdown() -> str:
+    """The recipe reference table, as the README shows it."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{k}` | {t} | `{d}` | {h} |" for k, t, d, h in reference_rows()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,62 @@
+"""The DeepSpeed engine: config generated from the recipe, optimizer and LR schedule kiln's own."""
+import math
+
+import deepspeed
+import torch
+
+from kiln.trainer.config import merge
+
+
+def lr_lambda(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
+    """LR multiplier at `step` (0-based): linear warmup, then cosine/linear decay to min_ratio."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant" or total <= warmup:
+        return 1.0
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1 - t
+    return min_ratio + (1 - min_ratio) * shape
+
+
+def deepspeed_config(recipe, bf16: bool) -> dict:
+    """The DeepSpeed JSON config for this recipe; `recipe.deepspeed` overrides any key."""
+    cfg = {
+        "train_micro_batch_size_per_gpu": recipe.train.micro_batch,
+        "gradient_accumulation_steps": recipe.train.grad_accum,
+        "gradient_clipping": recipe.optim.grad_clip,
+        "zero_optimization": {"stage": recipe.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    return merge(cfg, recipe.deepspeed)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """Matrices decay; norms, biases and embeddings don't."""
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (keep if p.dim() < 2 or "embed" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def build_engine(objective: torch.nn.Module, recipe, bf16: bool):
+    """Wrap the objective module, AdamW and the schedule in a DeepSpeed engine."""
+    o = recipe.optim
+    opt = torch.optim.AdamW(param_groups(objective, o.weight_decay), lr=o.lr,
+                            betas=(o.beta1, o.beta2), eps=o.eps)
+    s = recipe.schedule
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_lambda(step, s.warmup_steps, recipe.train.steps, s.decay, o.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=opt, lr_scheduler=sched,
+                                           config=deepspeed_config(recipe, bf16))
+    if recipe.parallel.zero_stage == 3:
+        # A tied head uses the embedding's weight outside the embedding's forward; ZeRO-3 must
+        # know to gather it around the head's forward too.
+        for module in engine.module.modules():
+            if getattr(module, "_tied", None):
+                deepspeed.zero.register_external_parameter(module, module.matrix)
+    return engine

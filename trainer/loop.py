@@ -1,0 +1,157 @@
+"""One rank's training run: build everything, step, evaluate, checkpoint, report."""
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from kiln import kernels
+from kiln.data.loader import ChunkLoader
+from kiln.data.prepare import Prepared
+from kiln.parallel.mesh import build_mesh
+from kiln.trainer import checkpoint
+from kiln.trainer.config import to_dict
+from kiln.trainer.engine import build_engine
+from kiln.trainer.model import Transformer, count_params, flops_per_token
+from kiln.trainer.monitor import Monitor, fmt_eta, memory_gb, peak_flops
+from kiln.trainer.objectives import build_objective
+
+
+def pick_device(recipe) -> torch.device:
+    """cuda:<local rank> when asked for (or auto and available), else cpu."""
+    want = recipe.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device) -> None:
+    """NCCL on GPUs, gloo on CPUs: the only difference between the two paths."""
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def resolve_model(recipe, vocab: int):
+    """The model config with vocab_size filled in from the tokenizer when it is 0."""
+    m = recipe.model
+    if m.vocab_size == 0:
+        m = dataclasses.replace(m, vocab_size=-(-vocab // 64) * 64)
+    elif m.vocab_size < vocab:
+        raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab}")
+    return m
+
+
+def _mean_across_ranks(value: float, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def train(recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> None:
+    """Train `recipe` in this process as one rank of the already-launched world."""
+    device = pick_device(recipe)
+    init_distributed(device)
+    mesh = build_mesh(recipe.parallel.sp)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    threads = recipe.train.threads or max(1, (os.cpu_count() or 1) // local_world)
+    torch.set_num_threads(threads)
+    kernels.configure(recipe.kernels)
+    bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
+
+    data = Prepared.load(data_dir)
+    model_cfg = resolve_model(recipe, data.vocab_size)
+    torch.manual_seed(recipe.train.seed)
+    model = Transformer(model_cfg)
+    objective = build_objective(recipe.objective.name, model, recipe.objective).to(device)
+    engine = build_engine(objective, recipe, bf16)
+
+    t = recipe.train
+    seq = recipe.data.seq_len
+    loader = ChunkLoader(data.train_prefix, seq, t.micro_batch, mesh.dp_rank, mesh.dp, t.seed, t.grad_accum)
+    held_out = ChunkLoader(data.valid_prefix, seq, t.micro_batch, mesh.dp_rank, mesh.dp, t.seed)
+    recipe_dict = to_dict(recipe)
+    state = checkpoint.load(engine, run_dir) if resume else None
+    start, tokens = (state["step"], state["tokens"]) if state else (0, 0)
+
+    rank0 = dist.get_rank() == 0
+    monitor = Monitor(run_dir, recipe, recipe_dict, t.steps, enabled=rank0, resume_step=start)
+    tokens_per_step = t.micro_batch * t.grad_accum * mesh.dp * seq
+    flops_tok = flops_per_token(model_cfg, seq)
+    peak = peak_flops(device, threads, recipe.data.cache_dir) * dist.get_world_size()
+    if rank0:
+        print(f"kiln: {count_params(model) / 1e6:.2f}M params, {dist.get_world_size()} ranks "
+              f"({device.type}, {'bf16' if bf16 else 'fp32'}, ZeRO {recipe.parallel.zero_stage}), "
+              f"{tokens_per_step:,} tokens/step, steps {start}->{t.steps}", flush=True)
+
+    def to_dev(batch):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def run_eval(step):
+        batches = (to_dev(held_out.batch(i)) for i in range(t.eval_batches))
+        engine.eval()
+        with torch.no_grad():
+            losses = [float(engine(**b)) for b in batches]
+        engine.train()
+        loss = _mean_across_ranks(sum(losses) / len(losses), device)
+        monitor.log({"step": step, "eval/loss": loss, "eval/ppl": float(torch.tensor(loss).exp())},
+                    f"step {step:>6} | eval loss {loss:.4f} | ppl {float(torch.tensor(loss).exp()):.2f}")
+
+    window = {"t": time.perf_counter(), "data": 0.0, "fb": 0.0, "opt": 0.0, "loss": 0.0, "n": 0}
+    run_start, done_in_run = time.perf_counter(), 0
+    for step in range(start, t.steps):
+        for micro in range(t.grad_accum):
+            t0 = time.perf_counter()
+            batch = to_dev(loader.batch(step, micro))
+            t1 = time.perf_counter()
+            loss = engine(**batch)
+            engine.backward(loss)
+            t2 = time.perf_counter()
+            engine.step()
+            t3 = time.perf_counter()
+            window["data"] += t1 - t0
+            window["fb"] += t2 - t1
+            window["opt"] += t3 - t2
+            window["loss"] += float(loss) / t.grad_accum
+        window["n"] += 1
+        tokens += tokens_per_step
+        done = step + 1
+        done_in_run += 1
+        if done % t.log_every == 0 or done == t.steps:
+            _log_train(monitor, engine, window, done, tokens, tokens_per_step, flops_tok, peak, device,
+                       (time.perf_counter() - run_start) / done_in_run * (t.steps - done))
+            window = {"t": time.perf_counter(), "data": 0.0, "fb": 0.0, "opt": 0.0, "loss": 0.0, "n": 0}
+        if (recipe.train.eval_every and done % recipe.train.eval_every == 0) or done == t.steps:
+            run_eval(done)
+        if done % recipe.checkpoint.every == 0 or done == t.steps:
+            path = checkpoint.save(engine, run_dir, done, {"step": done, "tokens": tokens}, recipe_dict,
+                                   recipe.checkpoint.keep)
+            if rank0:
+                print(f"kiln: checkpoint {path}", flush=True)
+    monitor.close()
+    dist.barrier()
+
+
+def _log_train(monitor, engine, w, step, tokens, tokens_per_step, flops_tok, peak, device, eta):
+    """Average the window over ranks and write one metrics record."""
+    loss = _mean_across_ranks(w["loss"] / w["n"], device)
+    elapsed = time.perf_counter() - w["t"]
+    tok_s = tokens_per_step * w["n"] / elapsed
+    gnorm = engine.get_global_grad_norm()
+    gnorm = float(gnorm) if gnorm is not None else float("nan")
+    lr = engine.get_lr()[0]
+    total = max(w["data"] + w["fb"] + w["opt"], 1e-9)
+    rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": tokens,
+           "tokens_per_s": tok_s, "mfu": flops_tok * tok_s / peak, "mem_gb": memory_gb(device),
+           "time/step_s": elapsed / w["n"], "time/data_s": w["data"] / w["n"],
+           "time/fwd_bwd_s": w["fb"] / w["n"], "time/optim_s": w["opt"] / w["n"]}
+    line = (f"step {step:>6}/{monitor.total} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.2f} | "
+            f"{tok_s:,.0f} tok/s | MFU {100 * rec['mfu']:.1f}% | data/fb/opt "
+            f"{100 * w['data'] / total:.0f}/{100 * w['fb'] / total:.0f}/{100 * w['opt'] / total:.0f}% | "
+            f"mem {rec['mem_gb']:.2f}G | ETA {fmt_eta(eta)}")
+    monitor.log(rec, line)

@@ -1,0 +1,173 @@
+"""A Llama-style transformer. No parallel code lives here.
+
+Parallelism is applied afterwards from kiln.parallel by replacing each Attention's `attn_fn`
+(sequence parallel) or the blocks' `mlp` (experts); fused ops come from kiln.kernels.
+"""
+import math
+
+import torch
+from torch import nn
+
+from kiln import kernels
+from kiln.trainer.sections import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned gain."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE.
+
+    `attn_fn(q, k, v, *, causal, scale, doc_ids)` does the softmax attention on [B, S, H, D]
+    tensors; it is the seam where sequence parallelism plugs in.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.causal = cfg.causal
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.attn_fn = kernels.attention
+
+    def forward(self, x, cos, sin, doc_ids):
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, s, self.n_kv, self.head_dim)
+        v = self.wv(x).view(b, s, self.n_kv, self.head_dim)
+        q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
+        out = self.attn_fn(q, k, v, causal=self.causal, scale=None, doc_ids=doc_ids)
+        return self.wo(out.reshape(b, s, -1))
+
+
+class SwiGLU(nn.Module):
+    """The gated MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(kernels.swiglu(self.w1(x), self.w3(x)))
+
+
+# MLP blocks by `model.mlp`; the MoE issue registers "moe" here.
+MLP_BLOCKS = {"swiglu": SwiGLU}
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP_BLOCKS[cfg.mlp](cfg)
+
+    def forward(self, x, cos, sin, doc_ids):
+        x = x + self.attn(self.attn_norm(x), cos, sin, doc_ids)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class OutputHead(nn.Module):
+    """The LM head. With labels it returns the fused linear + cross-entropy loss, so that the
+    [tokens, vocab] logits never exist; without, the logits. Tied heads borrow the embedding.
+
+    The loss is computed in this module's forward so that ZeRO-3 gathers the weight around it.
+    """
+
+    def __init__(self, dim: int, vocab: int, tied_to: nn.Embedding | None = None):
+        super().__init__()
+        self._tied = [tied_to] if tied_to is not None else None  # a list: not a submodule
+        self.weight = None if tied_to is not None else nn.Parameter(torch.empty(vocab, dim))
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return self._tied[0].weight if self._tied else self.weight
+
+    def forward(self, hidden, labels=None, z_loss: float = 0.0):
+        if labels is None:
+            return hidden @ self.matrix.t()
+        return kernels.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.matrix,
+                                            labels.reshape(-1), z_loss=z_loss)
+
+
+class Transformer(nn.Module):
+    """Token embedding -> blocks -> final norm; `head` turns hidden states into logits or a loss."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("ModelConfig.vocab_size must be resolved (>0) before building the model")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = OutputHead(cfg.dim, cfg.vocab_size, self.embed if cfg.tie_embeddings else None)
+        self.reset_parameters()
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.head.matrix
+
+    def reset_parameters(self) -> None:
+        """Normal(0, std) everywhere; residual projections scaled by 1/sqrt(2L) (GPT-NeoX/Llama)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, input_ids, position_ids=None, doc_ids=None):
+        """Final hidden states [B, S, dim]. position_ids default to 0..S-1; doc_ids mask documents."""
+        b, s = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+        cos, sin = kernels.rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, doc_ids)
+        return self.norm(x)
+
+    def logits(self, hidden):
+        """Full logits (for evaluation and tests; training uses the fused loss)."""
+        return self.head(hidden)
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token (all linear layers incl. the LM head)."""
+    d, h = cfg.dim, cfg.hidden_dim
+    attn = d * cfg.n_heads * cfg.head_dim * 2 + d * cfg.kv_heads * cfg.head_dim * 2
+    return cfg.n_layers * (attn + 3 * d * h) + d * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 * matmul params + attention scores.
+
+    Attention adds 2 matmuls (QK^T and PV) of 2*S*head_dim*heads FLOPs per token forward, x3 for
+    training. Counts the full S x S (no causal discount), as PaLM's MFU does.
+    """
+    attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    return 6 * matmul_params(cfg) + attn
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,142 @@
+"""The trainer's own recipe sections: model, objective, optim, schedule, train, checkpoint, logging."""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder (or bidirectional encoder)."""
+
+    vocab_size: int = field(default=0, metadata={
+        "help": "vocabulary size; 0 = the tokenizer's, rounded up to a multiple of 64"})
+    dim: int = field(default=256, metadata={"help": "hidden size"})
+    n_layers: int = field(default=4, metadata={"help": "transformer blocks"})
+    n_heads: int = field(default=4, metadata={"help": "query heads"})
+    n_kv_heads: int = field(default=0, metadata={"help": "key/value heads (GQA); 0 = n_heads"})
+    ffn_dim: int = field(default=0, metadata={
+        "help": "MLP hidden size; 0 = 8/3 * dim rounded up to a multiple of 64"})
+    mlp: str = field(default="swiglu", metadata={
+        "help": "MLP block built in every layer", "choices": ["swiglu"]})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
+    tie_embeddings: bool = field(default=False, metadata={
+        "help": "share the token embedding with the LM head"})
+    causal: bool = field(default=True, metadata={
+        "help": "true = causal decoder; false = bidirectional encoder"})
+    init_std: float = field(default=0.02, metadata={
+        "help": "init std; residual output projections get std / sqrt(2 * n_layers)"})
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.ffn_dim or -(-(8 * self.dim // 3) // 64) * 64
+
+    def validate(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads "
+                             f"({self.kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim dim/n_heads = {self.head_dim} must be even for RoPE: "
+                             "change model.dim or model.n_heads")
+        for name in ("dim", "n_layers", "n_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1")
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the loss is."""
+
+    name: str = field(default="clm", metadata={
+        "help": "training objective: clm = next-token prediction", "choices": ["clm"]})
+    z_loss: float = field(default=0.0, metadata={
+        "help": "coefficient of the output z-loss (lse^2), 0 = off"})
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and gradient clipping."""
+
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak"})
+    weight_decay: float = field(default=0.1, metadata={
+        "help": "decoupled weight decay (not on norms, biases or embeddings)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm, 0 = off"})
+
+    def validate(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0 (got {self.lr})")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule over train.steps."""
+
+    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
+    decay: str = field(default="cosine", metadata={
+        "help": "shape after warmup", "choices": ["cosine", "linear", "constant"]})
+
+
+@dataclass
+class TrainConfig:
+    """The run itself."""
+
+    name: str = field(default="", metadata={"help": "run name; empty = the recipe file's stem"})
+    run_root: str = field(default="runs", metadata={"help": "run directories go to <run_root>/<name>"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    micro_batch: int = field(default=8, metadata={"help": "sequences per rank per micro-step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    nproc: int = field(default=2, metadata={"help": "local ranks started by `kiln train`"})
+    seed: int = field(default=1234, metadata={"help": "seed for init, data order and sampling"})
+    log_every: int = field(default=10, metadata={"help": "console/metrics interval in steps"})
+    eval_every: int = field(default=50, metadata={"help": "held-out evaluation interval, 0 = only at the end"})
+    eval_batches: int = field(default=4, metadata={"help": "held-out batches per evaluation and rank"})
+    device: str = field(default="auto", metadata={
+        "help": "auto = cuda when available, else cpu", "choices": ["auto", "cpu", "cuda"]})
+    precision: str = field(default="auto", metadata={
+        "help": "auto = bf16 on GPU, fp32 on CPU", "choices": ["auto", "fp32", "bf16"]})
+    threads: int = field(default=0, metadata={"help": "torch threads per rank; 0 = cores / local ranks"})
+
+    def validate(self):
+        for name in ("steps", "micro_batch", "grad_accum", "nproc", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
+
+
+@dataclass
+class CheckpointConfig:
+    """When and how much is saved."""
+
+    every: int = field(default=100, metadata={"help": "checkpoint interval in steps (and always at the end)"})
+    keep: int = field(default=2, metadata={"help": "newest checkpoints kept; older ones are deleted"})
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases."""
+
+    mode: str = field(default="offline", metadata={
+        "help": "offline writes locally (sync later); online needs WANDB_API_KEY",
+        "choices": ["offline", "online", "disabled"]})
+    project: str = field(default="kiln", metadata={"help": "W&B project"})
+    entity: str = field(default="", metadata={"help": "W&B entity (empty = default)"})
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig, metadata={"help": "Weights & Biases"})
+    metrics_file: str = field(default="metrics.jsonl", metadata={
+        "help": "metrics file inside the run directory (one JSON object per line)"})

@@ -1,0 +1,32 @@
+"""Entry point of one rank: `python -m kiln.trainer.worker --run-dir R --data-dir D`.
+
+The parent (`kiln train`) has validated the recipe, prepared the data and written the resolved
+recipe to R/recipe.yaml; every rank reads that same file.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from kiln.trainer.checkpoint import CheckpointError
+from kiln.trainer.config import load_recipe
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="kiln.trainer.worker")
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--data-dir", required=True)
+    args = ap.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    from kiln.trainer.loop import train  # heavy imports (deepspeed) only in ranks
+
+    try:
+        train(recipe, run_dir, Path(args.data_dir))
+    except CheckpointError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
