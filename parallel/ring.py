@@ -10,7 +10,8 @@ holder hands it to the owner (the usual ring-flash-attention design; one directi
 """
 import torch
 
-from kiln.kernels.block_attention import attention, attention_bwd, attention_fwd, compute_dtype
+from kiln.kernels import attention_bwd, attention_fwd  # the dispatch point: Triton on CUDA
+from kiln.kernels.block_attention import attention, compute_dtype
 from kiln.parallel.comm import BACKWARD
 from kiln.parallel.ring_common import (Exchange, block_plan, check_inputs, empty_accumulators,
                                        kv_rows, local_blocks, merge_partial, ring_group)

@@ -14,7 +14,8 @@ Q's owner the other way.
 """
 import torch
 
-from kiln.kernels.block_attention import attention, attention_bwd, attention_fwd, compute_dtype
+from kiln.kernels import attention_bwd, attention_fwd  # the dispatch point: Triton on CUDA
+from kiln.kernels.block_attention import attention, compute_dtype
 from kiln.parallel.comm import BACKWARD, FORWARD
 from kiln.parallel.ring_common import (Exchange, block_plan, check_inputs, empty_accumulators,
                                        local_blocks, merge_partial, q_rows, ring_group,

@@ -11,6 +11,7 @@ from kiln import kernels
 from kiln.data.loader import ChunkLoader
 from kiln.data.prepare import Prepared
 from kiln.parallel.mesh import build_mesh
+from kiln.parallel.sequence import apply_sequence_parallel, comm_metrics, shard_batch
 from kiln.trainer import checkpoint
 from kiln.trainer.config import to_dict
 from kiln.trainer.engine import build_engine
@@ -68,7 +69,11 @@ def train(recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> None:
     model_cfg = resolve_model(recipe, data.vocab_size)
     torch.manual_seed(recipe.train.seed)
     model = Transformer(model_cfg)
-    objective = build_objective(recipe.objective.name, model, recipe.objective).to(device)
+    sp_group = None
+    if mesh.sp > 1:
+        sp_group = mesh.sp_group
+        apply_sequence_parallel(model, sp_group, recipe.parallel.sp_impl)
+    objective = build_objective(recipe.objective.name, model, recipe.objective, sp_group).to(device)
     engine = build_engine(objective, recipe, bf16)
 
     t = recipe.train
@@ -90,15 +95,18 @@ def train(recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> None:
               f"{tokens_per_step:,} tokens/step, steps {start}->{t.steps}", flush=True)
 
     def to_dev(batch):
+        if sp_group is not None:  # every rank of a sequence group loaded the same rows
+            batch = shard_batch(batch, sp_group)
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def run_eval(step):
-        batches = (to_dev(held_out.batch(i)) for i in range(t.eval_batches))
+        batches = (to_dev(b) for b in held_out.eval_batches(t.eval_batches))
         engine.eval()
         with torch.no_grad():
             losses = [float(engine(**b)) for b in batches]
         engine.train()
-        loss = _mean_across_ranks(sum(losses) / len(losses), device)
+        loss = _mean_across_ranks(sum(losses) / max(len(losses), 1), device)
+        comm_metrics(1)  # evaluation traffic is not training traffic
         monitor.log({"step": step, "eval/loss": loss, "eval/ppl": float(torch.tensor(loss).exp())},
                     f"step {step:>6} | eval loss {loss:.4f} | ppl {float(torch.tensor(loss).exp()):.2f}")
 
@@ -126,7 +134,7 @@ def train(recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> None:
         done_in_run += 1
         if done % t.log_every == 0 or done == t.steps:
             _log_train(monitor, engine, window, done, tokens, tokens_per_step, flops_tok, peak, device,
-                       (time.perf_counter() - run_start) / done_in_run * (t.steps - done))
+                       (time.perf_counter() - run_start) / done_in_run * (t.steps - done), mesh.sp > 1)
             window = {"t": time.perf_counter(), "data": 0.0, "fb": 0.0, "opt": 0.0, "loss": 0.0, "n": 0}
         if (recipe.train.eval_every and done % recipe.train.eval_every == 0) or done == t.steps:
             run_eval(done)
@@ -148,7 +156,7 @@ def _grad_norm(engine) -> float | None:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
 
-def _log_train(monitor, engine, w, step, tokens, tokens_per_step, flops_tok, peak, device, eta):
+def _log_train(monitor, engine, w, step, tokens, tokens_per_step, flops_tok, peak, device, eta, sp):
     """Average the window over ranks and write one metrics record."""
     loss = _mean_across_ranks(w["loss"] / w["n"], device)
     elapsed = time.perf_counter() - w["t"]
@@ -162,6 +170,8 @@ def _log_train(monitor, engine, w, step, tokens, tokens_per_step, flops_tok, pea
            "tokens_per_s": tok_s, "mfu": flops_tok * tok_s / peak, "mem_gb": memory_gb(device),
            "time/step_s": elapsed / w["n"], "time/data_s": w["data"] / w["n"],
            "time/fwd_bwd_s": w["fb"] / w["n"], "time/optim_s": w["opt"] / w["n"]}
+    if sp:
+        rec.update(comm_metrics(w["n"]))
     line = (f"step {step:>6}/{monitor.total} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.2f} | "
             f"{tok_s:,.0f} tok/s | MFU {100 * rec['mfu']:.1f}% | data/fb/opt "
             f"{100 * w['data'] / total:.0f}/{100 * w['fb'] / total:.0f}/{100 * w['opt'] / total:.0f}% | "

@@ -1,0 +1,65 @@
+"""Sequence parallelism applied to a model from outside it.
+
+The model's attention modules expose a replaceable `attn_fn(q, k, v, *, causal, scale, doc_ids)`;
+`apply_sequence_parallel` swaps in TokenRing (or Ring) over the sequence group. Batches are cut
+into zigzag shards by `shard_batch`, and `token_share` rescales each rank's mean loss so that
+the average over the group is the mean over the whole sequence's tokens.
+"""
+import torch
+import torch.distributed as dist
+
+from kiln.parallel.comm import COMM_STATS
+from kiln.parallel.ring import ring_attention
+from kiln.parallel.tokenring import tokenring_attention
+from kiln.parallel.zigzag import zigzag_shard
+
+IMPLS = {"tokenring": tokenring_attention, "ring": ring_attention}
+
+
+def apply_sequence_parallel(model: torch.nn.Module, group, impl: str = "tokenring") -> int:
+    """Route every attention module's `attn_fn` through `impl` over `group`; returns how many."""
+    ring_fn = IMPLS[impl]
+
+    def attn_fn(q, k, v, *, causal, scale=None, doc_ids=None):
+        return ring_fn(q, k, v, group=group, causal=causal, softmax_scale=scale, doc_ids=doc_ids)
+
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "attn_fn"):
+            module.attn_fn = attn_fn
+            count += 1
+    if count == 0:
+        raise ValueError("apply_sequence_parallel found no module with an `attn_fn` to replace")
+    return count
+
+
+def shard_batch(batch: dict, group) -> dict:
+    """This rank's zigzag shard (along the sequence, dim 1) of every [B, S] tensor of a batch.
+
+    Position ids and document ids are sharded with the tokens, so RoPE and document masks see
+    the global positions and documents that cross a shard boundary stay whole.
+    """
+    return {k: zigzag_shard(v, group, dim=1) for k, v in batch.items()}
+
+
+def token_share(labels: torch.Tensor, group, ignore_index: int = -100) -> torch.Tensor:
+    """Factor turning this rank's mean loss into its share of the sequence-wide mean.
+
+    Rank r's mean over n_r valid tokens, times n_r * N / sum(n), averaged over the N ranks of
+    the group, is the mean over all sum(n) tokens, exactly what one rank would compute.
+    """
+    n = (labels != ignore_index).sum().to(torch.float64)
+    total = n.clone()
+    dist.all_reduce(total, group=group)
+    return n * dist.get_world_size(group) / total.clamp(min=1)  # float64; cast by the caller
+
+
+def comm_metrics(steps: int) -> dict:
+    """Bytes sent per step by this rank's ring attention since the last call, per direction."""
+    snap = COMM_STATS.snapshot()
+    COMM_STATS.reset()
+    out = {}
+    for phase in ("fwd", "bwd"):
+        for direction, nbytes in snap[phase].items():
+            out[f"sp/{phase}_{direction}_bytes_per_step"] = nbytes / max(steps, 1)
+    return out
