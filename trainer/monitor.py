@@ -2,6 +2,7 @@
 import json
 import os
 import resource
+import secrets
 import time
 from pathlib import Path
 
@@ -98,7 +99,7 @@ class Monitor:
             return
         self.file.close()
         if self.wandb is not None:
-            self.wandb.finish(quiet=True)
+            self.wandb.finish()
 
 
 def _start_wandb(run_dir: Path, recipe, recipe_dict: dict):
@@ -106,7 +107,7 @@ def _start_wandb(run_dir: Path, recipe, recipe_dict: dict):
     import wandb
 
     id_file = run_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
     w = recipe.logging.wandb
     mode = w.mode

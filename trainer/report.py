@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-BARS = " ▁▂▃▄▅▆▇█"
+BARS = "▁▂▃▄▅▆▇█"
 
 
 def read_metrics(path: Path) -> list[dict]:

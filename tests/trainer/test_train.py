@@ -87,3 +87,17 @@ def test_sequence_parallel_run_follows_the_single_rank_run(small_recipe, tmp_pat
         sent = [r["sp/fwd_backward_bytes_per_step"] + r["sp/fwd_forward_bytes_per_step"] for r in recs
                 if "loss" in r]
         assert all(b > 0 for b in sent)
+
+
+def test_wandb_offline_run_is_continued_on_resume(small_recipe, tmp_path):
+    args = ["--set", "logging.wandb.mode=offline", "--set", "train.name=wb", "--set", "train.steps=3"]
+    kiln("train", small_recipe, *args)
+    run = tmp_path / "runs" / "wb"
+    run_id = (run / "wandb_id.txt").read_text().strip()
+    first = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(first) == 1 and first[0].name.endswith(run_id)
+    assert (first[0] / f"run-{run_id}.wandb").stat().st_size > 0
+    kiln("train", small_recipe, *args[:-2], "--set", "train.steps=5")  # resume and extend
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # the same W&B run
+    assert max(losses(run)) == 5

@@ -1,0 +1,199 @@
+"""Training-step throughput: kiln vs a minimal eager PyTorch loop vs HF transformers' Llama.
+
+Same architecture (Llama: RMSNorm, RoPE, GQA, SwiGLU), same batch, same fp32 AdamW, one process
+on CPU. kiln runs its real step: the objective module inside a DeepSpeed engine (world of 1).
+Prints tokens/s, MFU against a measured GEMM peak, and the ratios. Goals: kiln/eager >= 1.0,
+kiln/HF >= 1.2. Needs `pip install transformers` for the HF column (skipped with a note if absent).
+
+    python bench/throughput.py [--steps 12] [--dim 256] [--layers 4] [--seq 256] [--batch 8]
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def synthetic_batches(n, batch, seq, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, vocab, (batch, seq + 1), generator=g) for _ in range(n)]
+    return [(x[:, :-1].contiguous(), x[:, 1:].contiguous()) for x in ids]
+
+
+class EagerLlama(nn.Module):
+    """The obvious eager implementation: full logits, F.cross_entropy, SDPA."""
+
+    def __init__(self, vocab, dim, layers, heads, kv_heads, ffn, theta=10000.0):
+        super().__init__()
+        self.heads, self.kv, self.hd = heads, kv_heads, dim // heads
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            b = nn.Module()
+            b.n1, b.n2 = nn.RMSNorm(dim, eps=1e-5), nn.RMSNorm(dim, eps=1e-5)
+            b.q = nn.Linear(dim, dim, bias=False)
+            b.k = nn.Linear(dim, kv_heads * self.hd, bias=False)
+            b.v = nn.Linear(dim, kv_heads * self.hd, bias=False)
+            b.o = nn.Linear(dim, dim, bias=False)
+            b.w1, b.w3 = nn.Linear(dim, ffn, bias=False), nn.Linear(dim, ffn, bias=False)
+            b.w2 = nn.Linear(ffn, dim, bias=False)
+            self.blocks.append(b)
+        self.norm = nn.RMSNorm(dim, eps=1e-5)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        inv = 1.0 / theta ** (torch.arange(0, self.hd, 2).float() / self.hd)
+        self.register_buffer("inv", inv, persistent=False)
+
+    def rope(self, x, cos, sin):
+        x1, x2 = x[..., : self.hd // 2], x[..., self.hd // 2:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+    def forward(self, ids, labels):
+        b, s = ids.shape
+        ang = torch.arange(s, dtype=torch.float32)[:, None] * self.inv
+        cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
+        x = self.embed(ids)
+        for blk in self.blocks:
+            h = blk.n1(x)
+            q = self.rope(blk.q(h).view(b, s, self.heads, self.hd), cos, sin).transpose(1, 2)
+            k = self.rope(blk.k(h).view(b, s, self.kv, self.hd), cos, sin).transpose(1, 2)
+            v = blk.v(h).view(b, s, self.kv, self.hd).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            x = x + blk.o(a.transpose(1, 2).reshape(b, s, -1))
+            h = blk.n2(x)
+            x = x + blk.w2(F.silu(blk.w1(h)) * blk.w3(h))
+        logits = self.head(self.norm(x))
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+
+
+def time_interleaved(step_fns: dict, batches, warmup=2) -> dict:
+    """Seconds per step of each loop, median over steps; the loops take turns step by step so
+    that a change in machine load hits all of them alike."""
+    for x, y in batches[:warmup]:
+        for fn in step_fns.values():
+            fn(x, y)
+    times = {name: [] for name in step_fns}
+    for x, y in batches[warmup:]:
+        for name, fn in step_fns.items():
+            t = time.perf_counter()
+            fn(x, y)
+            times[name].append(time.perf_counter() - t)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def plain_step(model, opt):
+    def step(x, y):
+        loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def run_kiln(cfg, batches, lr):
+    """kiln's step function: objective module in a 1-rank DeepSpeed engine."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000),
+                      RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from kiln.trainer.config import Recipe
+    from kiln.trainer.engine import build_engine
+    from kiln.trainer.loop import init_distributed
+    from kiln.trainer.model import Transformer
+    from kiln.trainer.objectives import CausalLM
+
+    init_distributed(torch.device("cpu"))
+    recipe = Recipe()
+    recipe.model, recipe.optim.lr = cfg, lr
+    recipe.train.micro_batch = batches[0][0].shape[0]
+    recipe.schedule.warmup_steps = 0
+    torch.manual_seed(0)
+    engine = build_engine(CausalLM(Transformer(cfg)), recipe, bf16=False)
+
+    def step(x, y):
+        loss = engine(input_ids=x, labels=y)
+        engine.backward(loss)
+        engine.step()
+    return step
+
+
+def run_hf(cfg, batches, lr):
+    """HF Llama's step function, or None without transformers."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    hf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
+                     num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                     num_key_value_heads=cfg.kv_heads, max_position_embeddings=4096,
+                     rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(hf)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    return plain_step(_HFLoss(model), opt)
+
+
+class _HFLoss:
+    """HF shifts labels itself: pass the inputs' continuation as labels of the same length."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x, y):
+        # labels = inputs makes HF predict x[t+1] from x[:t+1]; identical work to kiln's x -> y
+        return self.model(input_ids=x, labels=x).loss
+
+    def parameters(self):
+        return self.model.parameters()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from kiln.trainer.model import ModelConfig, flops_per_token
+    from kiln.trainer.monitor import measure_cpu_peak
+
+    threads = torch.get_num_threads()
+    cfg = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                      n_kv_heads=args.kv_heads)
+    batches = synthetic_batches(args.steps + 2, args.batch, args.seq, args.vocab)
+    peak = measure_cpu_peak(threads)
+    tokens = args.batch * args.seq
+    flops = flops_per_token(cfg, args.seq) * tokens
+
+    torch.manual_seed(0)
+    eager = EagerLlama(args.vocab, args.dim, args.layers, args.heads, args.kv_heads, cfg.hidden_dim)
+    opt = torch.optim.AdamW(eager.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    loops = {"eager PyTorch": plain_step(eager, opt), "HF LlamaForCausalLM": run_hf(cfg, batches, 1e-3),
+             "kiln (DeepSpeed engine)": run_kiln(cfg, batches, 1e-3)}
+    results = dict.fromkeys(loops)
+    results.update(time_interleaved({k: v for k, v in loops.items() if v is not None}, batches))
+
+    print(f"model dim={args.dim} layers={args.layers} heads={args.heads}/{args.kv_heads} "
+          f"vocab={args.vocab}; batch {args.batch}x{args.seq}; {threads} threads; "
+          f"GEMM peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'loop':<26}{'s/step':>9}{'tokens/s':>11}{'MFU':>8}")
+    for name, sec in results.items():
+        if sec is None:
+            print(f"{name:<26}  (transformers not installed: pip install transformers)")
+            continue
+        print(f"{name:<26}{sec:>9.3f}{tokens / sec:>11,.0f}{100 * flops / sec / peak:>7.1f}%")
+    k = results["kiln (DeepSpeed engine)"]
+    print(f"kiln / eager tokens/s: {results['eager PyTorch'] / k:.2f}x (goal >= 1.0)")
+    if results["HF LlamaForCausalLM"]:
+        print(f"kiln / HF tokens/s:    {results['HF LlamaForCausalLM'] / k:.2f}x (goal >= 1.2)")
+
+
+if __name__ == "__main__":
+    main()
