@@ -2,7 +2,8 @@
 
 from dataclasses import dataclass, field
 
-PACKINGS = ["concat"]  # "decompose" (dataset decomposition buckets) plugs in here later
+PACKINGS = ["concat", "decompose"]  # decompose: dataset decomposition buckets (data/decompose.py)
+CURRICULA = ["natural", "grow_p2", "grow_linear", "weights"]  # see data/curriculum.py
 
 
 @dataclass
@@ -27,10 +28,24 @@ class DataConfig:
     cache_dir: str = field(default=".kiln-cache", metadata={
         "help": "where tokenizers and tokenised data are cached (keyed by content hash)"})
     packing: str = field(default="concat", metadata={
-        "help": "how documents become samples: concat = concatenate and chunk, with document masks",
+        "help": "how documents become samples: concat = concatenate and chunk, with document masks; "
+                "decompose = power-of-two chunks of single documents in buckets (variable length)",
         "choices": PACKINGS})
+    buckets: list[int] = field(default_factory=lambda: [8, 13], metadata={
+        "help": "decompose: [min_log2, max_log2], chunk lengths 2^min .. 2^max tokens"})
+    decompose_seed: int = field(default=0, metadata={
+        "help": "decompose: seed of the random chunk sizes of documents longer than 2^(max+1)"})
+    curriculum: str = field(default="grow_p2", metadata={
+        "help": "decompose: bucket sampling weights (natural = 1 each, grow_p2 = 2^(n-1)..1, "
+                "grow_linear = n..1, weights = data.curriculum_weights), shortest bucket first",
+        "choices": CURRICULA})
+    curriculum_weights: list[float] = field(default_factory=list, metadata={
+        "help": "decompose with curriculum=weights: one positive weight per bucket, shortest first"})
+    num_cycles: int = field(default=8, metadata={
+        "help": "decompose: curriculum cycles per epoch (each runs its share of every bucket)"})
     num_workers: int = field(default=2, metadata={
-        "help": "tokeniser threads for `kiln prepare` (0 = all cores)"})
+        "help": "worker processes tokenising during `kiln prepare` (0 = this process, using the "
+                "tokenizers library's own threads)"})
 
     def validate(self) -> None:
         """Raise ValueError naming the first impossible value and how to fix it."""
@@ -54,5 +69,19 @@ class DataConfig:
             raise ValueError("data.cache_dir is empty: set it to a writable folder, e.g. .kiln-cache")
         if self.packing not in PACKINGS:
             raise ValueError(f"data.packing={self.packing!r} is unknown: choose one of {PACKINGS}")
+        if len(self.buckets) != 2 or not 1 <= self.buckets[0] <= self.buckets[1] <= 30:
+            raise ValueError(f"data.buckets={self.buckets} must be [min_log2, max_log2] with "
+                             "1 <= min <= max <= 30, e.g. [8, 13] for 256..8192 tokens")
+        if self.num_cycles < 1:
+            raise ValueError(f"data.num_cycles={self.num_cycles} must be >= 1")
+        n = self.buckets[1] - self.buckets[0] + 1
+        if self.curriculum == "weights" and (len(self.curriculum_weights) != n or
+                                             min(self.curriculum_weights, default=0) <= 0):
+            raise ValueError(f"data.curriculum=weights needs data.curriculum_weights with {n} "
+                             f"positive numbers (one per bucket 2^{self.buckets[0]}..2^"
+                             f"{self.buckets[1]}), got {self.curriculum_weights}")
+        if self.curriculum not in CURRICULA:
+            raise ValueError(f"data.curriculum={self.curriculum!r} is unknown: choose one of {CURRICULA}")
         if self.num_workers < 0:
-            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0 (0 = all cores)")
+            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0 (0 = tokenise in "
+                             "this process)")

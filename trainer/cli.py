@@ -1,4 +1,4 @@
-"""The `kiln` command: train, prepare, config, report."""
+"""The `kiln` command: train, prepare, config, report, place, profile-routing."""
 import argparse
 import os
 import shutil
@@ -32,13 +32,30 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--reference", action="store_true", help="print every recipe key as a markdown table")
     r = sub.add_parser("report", help="summarise a run directory's metrics")
     r.add_argument("run_dir", help="e.g. runs/tiny")
+    p = sub.add_parser("place", help="solve MoE expert placement (MoETuner ILP) from a run's routing profile",
+                       description="Solve MoETuner's ILP on RUN_DIR's latest routing profile and write "
+                                   "RUN_DIR/placement.json (apply it with --set train.placement=PATH).")
+    p.add_argument("run_dir", help="e.g. runs/moe_tiny")
+    p.add_argument("--ranks", type=int, help="expert-parallel ranks (default: the run's parallel.ep)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes the ranks span (default 1)")
+    p.add_argument("--time-limit", type=float, default=60.0, help="solver seconds (default 60)")
+    p.add_argument("--profile", help="routing profile .npz (default: RUN_DIR/profiles/routing_latest.npz)")
+    p.add_argument("--strategy", default="ilp", choices=["ilp", "greedy_lpt", "round_robin", "contiguous"],
+                   help="placement strategy (default ilp)")
+    g = sub.add_parser("profile-routing", help="profile MoE routing of a checkpoint on held-out data",
+                       description="Route held-out batches through a checkpoint and save the per-layer "
+                                   "expert loads and transition matrices under RUN_DIR/profiles/.")
+    g.add_argument("path", help="run directory (newest checkpoint) or a checkpoint directory")
+    g.add_argument("--batches", type=int, default=16, help="held-out batches to route (default 16)")
+    g.add_argument("--out", help="write the profile here instead of RUN_DIR/profiles/")
     return ap
 
 
-def _prepare(recipe):
+def _prepare(recipe, repair: bool = False):
+    """Prepared data for the recipe; only `kiln prepare` repairs a corrupt cache."""
     from kiln.data.prepare import prepare
 
-    return prepare(recipe.data, progress=True)
+    return prepare(recipe.data, progress=True, repair=repair)
 
 
 def cmd_config(args) -> int:
@@ -52,7 +69,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    p = _prepare(load_recipe(args.recipe, args.set))
+    p = _prepare(load_recipe(args.recipe, args.set), repair=True)
     print(f"kiln: data ready in {p.dir} ({p.train_tokens:,} train / {p.valid_tokens:,} held-out tokens)")
     return 0
 
@@ -92,15 +109,13 @@ def _train_in_world(recipe, run_dir: Path) -> int:
     from kiln.trainer.loop import init_distributed, pick_device, train
 
     init_distributed(pick_device(recipe))
+    shared = [None]
     if dist.get_rank() == 0:
-        data = _prepare(recipe)
+        shared[0] = str(_prepare(recipe).dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
-    dist.barrier()
-    from kiln.data.prepare import prepare
-
-    data = prepare(recipe.data, progress=False)  # cached: only validates and returns the paths
-    train(recipe, run_dir, Path(data.dir))
+    dist.broadcast_object_list(shared, src=0)  # the prepared folder (a shared filesystem)
+    train(recipe, run_dir, Path(shared[0]))
     if dist.get_rank() == 0:
         _print_where(run_dir, recipe)
     return 0
@@ -124,15 +139,38 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_place(args) -> int:
+    from kiln.trainer.moe_tools import format_place, place_run
+
+    if (args.ranks is not None and args.ranks < 2) or args.nodes < 1 or args.time_limit <= 0:
+        raise ConfigError("kiln place needs --ranks >= 2, --nodes >= 1 and --time-limit > 0")
+    res, base, out = place_run(args.run_dir, args.ranks, args.nodes, args.time_limit, args.profile,
+                               args.strategy)
+    print(format_place(res, base, out))
+    return 0
+
+
+def cmd_profile_routing(args) -> int:
+    from kiln.trainer.moe_tools import format_profile, profile_checkpoint
+
+    if args.batches < 1:
+        raise ConfigError("kiln profile-routing needs --batches >= 1")
+    prof, saved, quality = profile_checkpoint(args.path, args.batches, args.out)
+    print(format_profile(prof, saved, quality))
+    return 0
+
+
 def main(argv=None) -> int:
     """Console entry point; user errors print one line and return 2."""
     from kiln.data.errors import DataError
+    from kiln.parallel.placement_io import PlacementError
 
     args = _parser().parse_args(argv)
     try:
         return {"train": cmd_train, "prepare": cmd_prepare, "config": cmd_config,
-                "report": cmd_report}[args.cmd](args)
-    except (ConfigError, DataError, CheckpointError) as e:
+                "report": cmd_report, "place": cmd_place,
+                "profile-routing": cmd_profile_routing}[args.cmd](args)
+    except (ConfigError, DataError, CheckpointError, PlacementError) as e:
         print(f"kiln: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

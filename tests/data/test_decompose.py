@@ -1,0 +1,161 @@
+"""Dataset decomposition: chunk properties against the raw documents, the random split of long
+documents (chi-square), the summary, and the prepare integration (cache, atomic, Megatron-readable)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kiln.data.decompose import (NO_LABEL, Decomposed, bucket_prefix, decompose, decompose_split,
+                                 read_documents, split_document)
+from kiln.data.errors import DataError
+from kiln.data.indexed import IndexWriter
+from kiln.data.prepare import prepare
+from tests.data.chisq import chisq_pvalue
+
+LO, HI = 3, 7  # buckets 8 .. 128 tokens
+
+
+def _write_docs(prefix, lengths):
+    """Documents whose tokens are 0, 1, 2, ... (every token unique), int32."""
+    w = IndexWriter(prefix, np.int32)
+    w.add_many(np.arange(sum(lengths), dtype=np.int32), np.asarray(lengths, np.int64))
+    w.finalize()
+    w.close()
+    return np.cumsum([0] + list(lengths))
+
+
+def _lengths(seed=0):
+    rng = np.random.default_rng(seed)
+    short = rng.integers(1, 300, 300).tolist()  # below 2^(HI+1) = 256 mostly: the binary rule
+    long = rng.integers(256, 3000, 60).tolist()  # random picks, then the binary rule
+    return short + long + [1, 7, 8, 255, 256, 257]
+
+
+def _read_buckets(out, split):
+    chunks = {}
+    for k in range(LO, HI + 1):
+        tokens, starts, ends = read_documents(bucket_prefix(out, split, k))
+        nxt = np.load(bucket_prefix(out, split, k) + ".next.npy")
+        chunks[k] = [(np.asarray(tokens[a:b]), int(n)) for a, b, n in zip(starts, ends, nxt)]
+    return chunks
+
+
+def test_chunks_partition_the_kept_tokens(tmp_path):
+    lengths = _lengths()
+    bounds = _write_docs(tmp_path / "train", lengths)
+    out = tmp_path / "out"
+    out.mkdir()
+    s = decompose_split(tmp_path / "train", out, "train", LO, HI, np.random.default_rng(0), flush_tokens=64)
+    chunks = _read_buckets(out, "train")
+    kept = []
+    for k, items in chunks.items():
+        for toks, nxt in items:
+            assert len(toks) == 1 << k  # a power of two within the bucket range
+            assert np.all(np.diff(toks) == 1)  # contiguous ...
+            doc = np.searchsorted(bounds, toks[0], side="right") - 1
+            assert toks[-1] < bounds[doc + 1]  # ... and inside one document
+            end = bounds[doc + 1]
+            assert nxt == (toks[-1] + 1 if toks[-1] + 1 < end else NO_LABEL)  # the last label
+            kept.append(toks)
+    kept = np.concatenate(kept)
+    assert len(np.unique(kept)) == len(kept)  # every kept token exactly once
+    total = int(bounds[-1])
+    assert s["dropped_tokens"] == total - len(kept) and s["tokens"] == total
+    # what is dropped is each document's tail, shorter than the smallest bucket
+    dropped = np.setdiff1d(np.arange(total), kept)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        d = dropped[(dropped >= a) & (dropped < b)]
+        assert len(d) < 1 << LO and (len(d) == 0 or (d[0] == b - len(d) and np.all(np.diff(d) == 1)))
+    assert s["dropped_documents"] == sum(n < 1 << LO for n in lengths)
+    for b in s["buckets"]:
+        assert b["chunks"] == len(chunks[b["log2"]]) and b["tokens"] == b["chunks"] << b["log2"]
+        assert b["documents"] <= b["chunks"]
+
+
+def test_short_documents_follow_their_binary_representation():
+    rng = np.random.default_rng(0)
+    for n in range(0, 1 << (HI + 1)):
+        want = [k for k in range(HI, LO - 1, -1) if n >> k & 1]
+        assert split_document(n, LO, HI, rng) == want, n
+
+
+def test_long_documents_draw_sizes_uniformly_over_the_buckets():
+    """While more than 2^(HI+1) tokens are left, each size is a uniform draw (chi-square)."""
+    rng = np.random.default_rng(1)
+    picks = []
+    for _ in range(400):
+        left = 1 << 12
+        for k in split_document(left, LO, HI, rng):
+            if left >= 1 << (HI + 1):
+                picks.append(k)
+            left -= 1 << k
+    counts = np.bincount(picks, minlength=HI + 1)[LO:]
+    n = len(counts)
+    assert chisq_pvalue(counts, np.full(n, len(picks) / n)) > 1e-3, counts
+    # and the random picks reach every bucket, the point of drawing them
+    assert np.all(counts > 0)
+
+
+def test_random_split_is_seeded():
+    a = [split_document(5000, LO, HI, np.random.default_rng([5, 0])) for _ in range(3)]
+    b = [split_document(5000, LO, HI, np.random.default_rng([5, 0])) for _ in range(3)]
+    assert a == b
+
+
+@pytest.fixture
+def decompose_cfg(small_cfg):
+    small_cfg.packing = "decompose"
+    small_cfg.buckets = [2, 5]
+    return small_cfg
+
+
+def test_prepare_decomposes_and_reuses(decompose_cfg, capsys):
+    p = prepare(decompose_cfg, progress=True)
+    err = capsys.readouterr().err
+    assert "decomposed into buckets 2^2..2^5" in err and "dropped" in err
+    d = Decomposed.load(next(Path(p.dir).glob("decompose-*")))
+    assert (d.min_log2, d.max_log2) == (2, 5)
+    summary = json.loads((Path(d.dir) / "summary.json").read_text())
+    for split, docs, tokens in (("train", p.train_docs, p.train_tokens), ("valid", p.valid_docs, p.valid_tokens)):
+        s = summary["splits"][split]
+        assert s["documents"] == docs and s["tokens"] == tokens
+        assert sum(b["tokens"] for b in s["buckets"]) + s["dropped_tokens"] == tokens
+    assert (Path(d.dir) / "summary.txt").read_text().startswith("split")
+    # Megatron reads every bucket file as an indexed dataset of equal-length sequences
+    from kiln.data.indexed import megatron_indexed
+
+    for k in d.buckets:
+        n = d.chunks("train")[k]
+        if n:
+            ds = megatron_indexed().IndexedDataset(d.prefix("train", k), mmap=True)
+            assert len(ds) == n and set(ds.sequence_lengths.tolist()) == {1 << k}
+    mtimes = {f: f.stat().st_mtime_ns for f in Path(d.dir).iterdir()}
+    prepare(decompose_cfg, progress=True)
+    assert "reusing" in capsys.readouterr().err
+    assert {f: f.stat().st_mtime_ns for f in Path(d.dir).iterdir()} == mtimes
+
+
+def test_corrupt_decomposition_is_rebuilt(decompose_cfg, tmp_path):
+    p = prepare(decompose_cfg, progress=False)
+    d = Decomposed.load(next(Path(p.dir).glob("decompose-*")))
+    victim = Path(d.prefix("train", 3) + ".bin")
+    victim.write_bytes(victim.read_bytes()[:-2])
+    with pytest.raises(DataError, match="wrong size"):
+        Decomposed.load(d.dir)
+    again = decompose(p, [2, 5], 0, progress=False)
+    assert not again.reused and again.summary == d.summary
+
+
+def test_a_failed_build_leaves_nothing(decompose_cfg, monkeypatch):
+    p = prepare(decompose_cfg.__class__(**{**decompose_cfg.__dict__, "packing": "concat"}), progress=False)
+    import kiln.data.decompose as dec
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(dec, "summary_table", boom)
+    with pytest.raises(RuntimeError):
+        decompose(p, [2, 5], 0, progress=False)
+    assert not [q for q in Path(p.dir).iterdir() if "decompose" in q.name]

@@ -1,0 +1,30 @@
+"""Joining a world another launcher started: torchrun directly, and srun's variables."""
+import subprocess
+import sys
+
+import pytest
+
+from kiln.trainer.launch import _first_host, adopt_slurm_env
+from tests.trainer.conftest import ROOT, losses
+
+
+def test_slurm_task_variables_become_torch_distributed_ones():
+    env = {"SLURM_PROCID": "3", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+           "SLURM_NTASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}
+    assert adopt_slurm_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("3", "8", "1", "4")
+    assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == "24242"
+    assert not adopt_slurm_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"})
+    assert not adopt_slurm_env({"SLURM_JOB_ID": "1"})  # inside sbatch but not in an srun step
+    assert _first_host("a1,b[2-3]") == "a1" and _first_host("") == "127.0.0.1"
+
+
+@pytest.mark.slow
+def test_kiln_train_under_torchrun_joins_the_world(small_recipe, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29633",
+           "-m", "kiln.trainer.cli", "train", str(small_recipe), "--set", "train.name=tr",
+           "--set", "train.steps=3"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(losses(tmp_path / "runs" / "tr")) == [1, 2, 3]
+    assert res.stdout.count("kiln: done.") == 1  # rank 0 reports, not every rank
