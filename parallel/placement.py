@@ -1,0 +1,156 @@
+"""Expert placement for expert parallelism: MoETuner's ILP and the baselines it is compared with.
+
+Entry point: ``place(profile, strategy, topo, cost, ...) -> PlacementResult``.
+
+A placement is an int array ``[L, E]``: rank (in [0, R)) holding expert e of MoE layer l. Every
+strategy returns a placement that passes ``check_placement``: every rank holds exactly L*E/R
+experts over the whole model (memory balance); per-layer counts may differ.
+
+Strategies:
+  * ``contiguous``  Megatron's layout, expert e on rank e // (E/R) (needs R | E).
+  * ``round_robin`` expert e of layer l on rank (l*E + e) % R (= e % R when R | E).
+  * ``greedy_lpt``  per layer, heaviest expert first onto the least-loaded rank that still has a
+                    free slot; slots per rank and layer as in round_robin, so memory stays balanced.
+  * ``ilp``         MoETuner's two stages: balanced clustering (``placement_ilp``), then the
+                    clusters' placement on ranks chained over layers (``placement_chain``).
+                    ``align=True`` adds kiln's traffic-aware re-clustering within the gap slack;
+                    ``max_per_rank_layer=E/R`` forces equal expert counts per rank and layer,
+                    which gives up some balance but leaves stage 2 free to keep traffic local.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kiln.parallel.placement_chain import sigma_to_placement, stage2_chain
+from kiln.parallel.placement_ilp import check_feasible, stage1_clusters
+from kiln.parallel.placement_io import (PlacementError, PlacementResult, RoutingProfile,
+                                        check_placement, synthetic_profile)
+from kiln.parallel.placement_metrics import (CostModel, PlacementMetrics, Topology,
+                                             balance_objective, chain_objective, evaluate)
+
+STRATEGIES = ("contiguous", "round_robin", "greedy_lpt", "ilp")
+
+__all__ = ["STRATEGIES", "PlacementConfig", "PlacementError", "PlacementResult", "RoutingProfile",
+           "PlacementMetrics", "Topology", "CostModel", "place", "contiguous", "round_robin",
+           "greedy_lpt", "check_placement", "evaluate", "synthetic_profile",
+           "balance_objective", "chain_objective"]
+
+
+@dataclass
+class PlacementConfig:
+    """How expert placement is chosen (a recipe section may embed this)."""
+
+    strategy: str = field(default="ilp", metadata={
+        "help": "placement strategy", "choices": list(STRATEGIES)})
+    nodes: int = field(default=1, metadata={"help": "nodes the expert-parallel ranks span"})
+    time_limit_s: float = field(default=60.0, metadata={
+        "help": "ILP wall-clock budget; the best feasible placement found is returned with its gap"})
+    mip_rel_gap: float = field(default=0.025, metadata={
+        "help": "stop the stage-1 MIP once within this relative gap of optimal (MoETuner: 0.025)"})
+    max_per_rank_layer: int = field(default=0, metadata={
+        "help": "most experts of one layer on one rank (0 = no cap)"})
+    align: bool = field(default=False, metadata={
+        "help": "ILP: re-cluster within the gap slack to keep traffic inside slots (kiln's addition)"})
+
+    def validate(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"placement.strategy={self.strategy!r} is unknown; use one of {STRATEGIES}")
+        if self.nodes < 1 or self.time_limit_s <= 0 or not (0 <= self.mip_rel_gap < 1) \
+                or self.max_per_rank_layer < 0:
+            raise ValueError("placement needs nodes >= 1, time_limit_s > 0, 0 <= mip_rel_gap < 1 "
+                             "and max_per_rank_layer >= 0; fix the placement section")
+
+
+def contiguous(L: int, E: int, R: int) -> np.ndarray:
+    """Megatron's contiguous layout: expert e on rank e // (E/R) in every layer."""
+    if E % R:
+        raise PlacementError(f"contiguous placement needs E divisible by R (E={E}, R={R}); "
+                             f"use round_robin, greedy_lpt or ilp")
+    return np.tile(np.arange(E) // (E // R), (L, 1)).astype(np.int64)
+
+
+def round_robin(L: int, E: int, R: int) -> np.ndarray:
+    """Expert e of layer l on rank (l*E + e) % R: balanced memory whenever R divides L*E."""
+    if (L * E) % R:
+        raise PlacementError(f"memory balance impossible: L*E = {L * E} experts do not divide "
+                             f"over {R} ranks; pick an expert-parallel size dividing {L * E}")
+    return ((np.arange(L)[:, None] * E + np.arange(E)[None, :]) % R).astype(np.int64)
+
+
+def greedy_lpt(load: np.ndarray, R: int) -> np.ndarray:
+    """Longest-processing-time per layer with round_robin's per-rank expert counts."""
+    L, E = load.shape
+    slots = np.stack([np.bincount(row, minlength=R) for row in round_robin(L, E, R)])
+    out = np.empty((L, E), dtype=np.int64)
+    for l in range(L):
+        free, tokens = slots[l].copy(), np.zeros(R)
+        for e in np.argsort(-load[l], kind="stable"):
+            r = int(np.argmin(np.where(free > 0, tokens, np.inf)))
+            out[l, e] = r
+            tokens[r] += load[l, e]
+            free[r] -= 1
+    return out
+
+
+def solve_ilp(profile: RoutingProfile, topo: Topology, cost: CostModel,
+              max_per_rank_layer: int | None = None, time_limit: float = 60.0,
+              mip_rel_gap: float = 0.025, align: bool = False, seed: int = 0):
+    """Two-stage MoETuner ILP; returns (placement [L, E], solver info dict).
+
+    ``info['gap']`` is stage 1's relative gap to the sum of per-layer HiGHS bounds (a valid bound
+    of the memory-coupled problem); stage 2's result and a (loose) bound are in info['stage2'].
+    """
+    L, E, R = profile.layers, profile.experts, topo.ranks
+    check_feasible(L, E, R, max_per_rank_layer)
+    cap = min(max_per_rank_layer or E, E - R + 1)
+    t0 = time.perf_counter()
+    # Stage 2 is cheap (many R x R assignments); most of the budget goes to the stage-1 MIPs.
+    slots, s1 = stage1_clusters(profile.load, profile.transitions if align else None, R, cap,
+                                0.85 * time_limit, mip_rel_gap, seed=seed)
+    link = cost.link_s_per_pair(topo, profile.top_k)
+    sigma, s2 = stage2_chain(slots, profile.transitions, R, link, cost.max_pair_weight,
+                             topo.node_of(), max(time_limit - (time.perf_counter() - t0), 0.5))
+    info = {"gap": s1["gap"], "solve_time_s": time.perf_counter() - t0, "time_limit_s": time_limit,
+            "mip_rel_gap": mip_rel_gap, "align": align, "stage1": s1, "stage2": s2}
+    return sigma_to_placement(slots, sigma), info
+
+
+def place(profile: RoutingProfile, strategy: str = "ilp", topo: Topology | None = None,
+          cost: CostModel | None = None, *, max_per_rank_layer: int | None = None,
+          time_limit: float = 60.0, mip_rel_gap: float = 0.025, align: bool = False,
+          seed: int = 0) -> PlacementResult:
+    """Place the experts of ``profile`` on ``topo.ranks`` ranks with ``strategy``.
+
+    ``time_limit`` (s), ``mip_rel_gap`` and ``align`` apply to ``ilp``; it returns the best feasible
+    placement found in time, with the stage-1 gap in ``result.solver['gap']``. ``align=False`` is
+    the paper's balance-only stage 1 (see ``placement_ilp``).
+    Infeasible requests raise PlacementError with one line.
+    """
+    topo = topo or Topology()
+    cost = cost or CostModel()
+    topo.validate()
+    cost.validate()
+    L, E, R = profile.layers, profile.experts, topo.ranks
+    if strategy not in STRATEGIES:
+        raise PlacementError(f"unknown placement strategy {strategy!r}; use one of {STRATEGIES}")
+    if time_limit <= 0:
+        raise PlacementError(f"time_limit must be > 0 seconds (got {time_limit})")
+    solver: dict = {}
+    if strategy == "contiguous":
+        p = contiguous(L, E, R)
+    elif strategy == "round_robin":
+        p = round_robin(L, E, R)
+    elif strategy == "greedy_lpt":
+        p = greedy_lpt(profile.load, R)
+    else:
+        check_feasible(L, E, R, max_per_rank_layer)
+        p, solver = solve_ilp(profile, topo, cost, max_per_rank_layer, time_limit, mip_rel_gap,
+                              align, seed)
+    p = check_placement(p, L, E, R, max_per_rank_layer, what=f"{strategy} placement")
+    metrics = evaluate(profile, p, topo, cost).to_dict()
+    metrics["balance_objective_tokens"] = balance_objective(profile, p, R)
+    return PlacementResult(placement=p, strategy=strategy, ranks=R, nodes=topo.nodes,
+                           metrics=metrics, solver=solver, profile_hash=profile.digest())
