@@ -14,9 +14,9 @@ function of (seed, step)), then:
     sequence (kiln.parallel.sequence.shard_batch).
 Either way every rank holds tokens_per_step / (world * grad_accum) tokens per micro-step.
 
-Order: bucket b's chunks are permuted per epoch e by rng([seed, k, e]); the j-th step of bucket b
-in epoch e takes rows [j * rows, (j + 1) * rows) of that permutation. Chunks left over (fewer
-than a batch) wait for a later epoch's permutation. Nothing depends on history: resume is exact.
+Order: bucket b's chunks are permuted per (curriculum) epoch e by rng([seed, k, e]); the j-th
+step of bucket b in epoch e takes rows [j * rows, (j + 1) * rows) of that permutation. Chunks
+left over wait for a later epoch's permutation. Nothing depends on history: resume is exact.
 """
 
 from dataclasses import dataclass
@@ -71,7 +71,7 @@ class BucketLoader:
 
     def __init__(self, prefixes: dict[int, str], tokens_per_step: int, rank: int, world: int, *,
                  sp: int = 1, sp_min_len: int = 0, seed: int = 0, grad_accum: int = 1,
-                 weights=None, num_cycles: int = 8):
+                 weights=None, num_cycles: int = 8, horizon: int = 0):
         ks = sorted(prefixes)
         if ks != list(range(ks[0], ks[-1] + 1)):
             raise ValueError(f"bucket exponents {ks} must be consecutive")
@@ -96,12 +96,12 @@ class BucketLoader:
         self.chunks = np.array([len(self._tokens[k]) for k in ks], dtype=np.int64)
         self.rows = np.array([tokens_per_step >> k for k in ks], dtype=np.int64)
         w = np.ones(len(ks)) if weights is None else np.asarray(weights, dtype=np.float64)
-        self.curriculum = Curriculum(self.chunks // self.rows, w, num_cycles, seed)
+        self.curriculum = Curriculum(self.chunks // self.rows, w, num_cycles, seed, horizon)
         self._perms: dict[tuple[int, int], np.ndarray] = {}
 
     @property
     def steps_per_epoch(self) -> int:
-        """Steps until every bucket has run out of whole batches."""
+        """Steps of one curriculum epoch: the horizon, or until every bucket runs out of batches."""
         return self.curriculum.steps_per_epoch
 
     def plan(self, step: int) -> StepPlan:
@@ -148,19 +148,21 @@ class BucketLoader:
         labels = np.empty_like(tokens)
         labels[:, :-1] = tokens[:, 1:]
         labels[:, -1] = self._next[k][chunks]
-        pos = np.broadcast_to(np.arange(1 << k, dtype=np.int64), tokens.shape)
+        pos = np.tile(np.arange(1 << k, dtype=np.int64), (len(chunks), 1))
         return {"input_ids": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-                "position_ids": torch.from_numpy(np.ascontiguousarray(pos))}
+                "position_ids": torch.from_numpy(pos)}
 
 
 def build_bucket_loader(cfg, decomposed, split: str, tokens_per_step: int, rank: int, world: int,
-                        *, sp: int = 1, sp_min_len: int = 0, seed: int = 0,
-                        grad_accum: int = 1) -> BucketLoader:
-    """A BucketLoader over `split` of a Decomposed folder, weighted by cfg's curriculum."""
+                        *, sp: int = 1, sp_min_len: int = 0, seed: int = 0, grad_accum: int = 1,
+                        horizon: int = 0) -> BucketLoader:
+    """A BucketLoader over `split` of a Decomposed folder, weighted by cfg's curriculum;
+    `horizon` = the run's steps, so that a run shorter than the data gets the whole curriculum."""
     from .curriculum import bucket_weights
 
     prefixes = {k: decomposed.prefix(split, k) for k in decomposed.buckets}
     weights = bucket_weights(cfg.curriculum, len(prefixes), cfg.curriculum_weights)
     return BucketLoader(prefixes, tokens_per_step, rank, world, sp=sp, sp_min_len=sp_min_len,
-                        seed=seed, grad_accum=grad_accum, weights=weights, num_cycles=cfg.num_cycles)
+                        seed=seed, grad_accum=grad_accum, weights=weights, num_cycles=cfg.num_cycles,
+                        horizon=horizon)
 

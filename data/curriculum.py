@@ -10,6 +10,11 @@ only on (seed, epoch). With `num_cycles` C, every bucket's batches are split int
 parts and each cycle runs the race over its parts: favouring short buckets, each cycle then
 goes from short to long.
 
+Runs shorter than the data. With a `horizon` of H steps below the batches available, the
+curriculum epoch is H steps: each bucket contributes its share of the H steps in proportion to
+its batches (largest remainders), so the run sees the data's natural length mix and the whole
+curriculum shape (all cycles) within its own length. Longer runs repeat the curriculum per epoch.
+
 Weights (bucket exponents k = min..max, shortest first, n buckets):
   natural      1 for all                    (the data's own mix, in random order)
   grow_p2      2^(n-1), ..., 2, 1           (paper's Grow-P2: short first)
@@ -52,15 +57,29 @@ def epoch_order(batches, weights, num_cycles: int, rng: np.random.Generator) -> 
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
+def apportion(batches: np.ndarray, horizon: int) -> np.ndarray:
+    """Batches per bucket scaled to sum to `horizon` (largest remainders); unchanged when the
+    horizon is 0 or not below their sum."""
+    total = int(batches.sum())
+    if horizon <= 0 or horizon >= total:
+        return batches
+    exact = batches * horizon / total
+    out = np.floor(exact).astype(np.int64)
+    extra = np.argsort(-(exact - out), kind="stable")[:horizon - int(out.sum())]
+    out[extra] += 1
+    return out
+
+
 class Curriculum:
     """Which bucket, and which of its batches, every step uses; a pure function of (seed, step).
 
     Epoch e's order is `epoch_order(batches, weights, num_cycles, rng([seed, e]))`; the j-th
     step of bucket b in epoch e uses batch j of b's epoch-e permutation (the loader's job).
+    `horizon` (e.g. train.steps) shortens the epoch to the run (see the module docstring).
     """
 
-    def __init__(self, batches, weights, num_cycles: int, seed: int):
-        self.batches = np.asarray(batches, dtype=np.int64)
+    def __init__(self, batches, weights, num_cycles: int, seed: int, horizon: int = 0):
+        self.batches = apportion(np.asarray(batches, dtype=np.int64), horizon)
         self.weights = np.asarray(weights, dtype=np.float64)
         if num_cycles < 1:
             raise ValueError(f"data.num_cycles={num_cycles} must be >= 1")

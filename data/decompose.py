@@ -14,8 +14,8 @@ Layout, inside a prepared folder (see kiln.data.prepare):
                                                 last label), or -100 at the document's end
     summary.json, summary.txt                   documents, chunks, tokens per bucket, dropped
     manifest.json                               written last: sizes and sha256 of every file
-Built under a temporary name and renamed into place, like the prepared folder itself, and
-reused when it exists and checks out.
+Built under a temporary name and renamed into place, like the prepared folder itself; reused
+when it exists and checks out, rebuilt when it does not only if `repair` (`kiln prepare`).
 """
 
 import json
@@ -199,11 +199,14 @@ class Decomposed:
         return cls(dir=str(d), min_log2=lo, max_log2=hi, seed=seed, summary=summary)
 
 
-def decompose(prepared, buckets, seed: int = 0, *, progress: bool = True) -> Decomposed:
+def decompose(prepared, buckets, seed: int = 0, *, progress: bool = True,
+              repair: bool = True) -> Decomposed:
     """Decompose a Prepared folder's splits into buckets 2^buckets[0] .. 2^buckets[1] (cached).
 
-    Idempotent: an existing folder that passes `Decomposed.load` is reused; anything else is
-    rebuilt under a temporary name and renamed into place.
+    Idempotent: an existing folder that passes `Decomposed.load` is reused; a missing one is
+    built under a temporary name and renamed into place. An existing folder that fails
+    validation is rebuilt when `repair` (`kiln prepare`), else its DataError is raised (a
+    training run never silently replaces files, as for the prepared folder itself).
     """
     from .prepare import _fsync_dir, _sha256
 
@@ -216,6 +219,8 @@ def decompose(prepared, buckets, seed: int = 0, *, progress: bool = True) -> Dec
             _show(progress, f"reusing {final}", dec.summary)
             return dec
         except DataError as e:
+            if not repair:
+                raise
             _show(progress, f"rebuilding: {e}", None)
             shutil.rmtree(final, ignore_errors=True)
     t0 = time.perf_counter()

@@ -132,12 +132,15 @@ class ChunkLoader:
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
 
 
-PACKINGS = {"concat": ChunkLoader}  # data.packing -> loader class ("decompose" joins later)
+PACKINGS = {"concat": ChunkLoader}  # data.packing -> loader class over one indexed dataset
 
 
 def build_loader(cfg: DataConfig, prefix: str, *, micro_batch: int, dp_rank: int, dp_size: int,
                  seed: int, grad_accum: int = 1) -> ChunkLoader:
     """The loader `cfg.packing` names, over the indexed dataset at `prefix`."""
+    if cfg.packing == "decompose":  # one dataset per bucket, not one prefix
+        raise ValueError("data.packing=decompose reads per-bucket datasets: use "
+                         "kiln.data.bucket_loader.build_bucket_loader")
     cls = PACKINGS.get(cfg.packing)
     if cls is None:
         raise ValueError(f"data.packing={cfg.packing!r} has no loader: choose one of {list(PACKINGS)}")

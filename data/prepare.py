@@ -168,17 +168,18 @@ def prepare(cfg: DataConfig, *, progress: bool = True, repair: bool = True) -> P
             prepared = Prepared.load(final)
             prepared.reused = True
             _log(progress, f"reusing {final}")
-            return _finish(prepared, cfg, progress)
         except DataError as e:
             if not repair:
                 raise
             _log(progress, f"rebuilding: {e}")
             shutil.rmtree(final, ignore_errors=True)
+        else:  # outside the try: a decomposition problem must not delete the tokenised folder
+            return _finish(prepared, cfg, progress, repair)
     prepared = _build(cfg, corpus, tok, tok_json, (train_idx, valid_idx), text_bytes, key, final,
                       progress)
     _log(progress, f"{text_bytes / 1e6:.1f} MB -> {prepared.train_tokens + prepared.valid_tokens:,} "
                    f"tokens in {time.perf_counter() - t0:.1f}s: {final}")
-    return _finish(prepared, cfg, progress)
+    return _finish(prepared, cfg, progress, repair)
 
 
 def _build(cfg, corpus, tok, tok_json, splits, text_bytes, key, final, progress) -> Prepared:
@@ -253,12 +254,12 @@ def _remove_stale_temps(cache: Path) -> None:
             pass
 
 
-def _finish(p: Prepared, cfg: DataConfig, progress: bool) -> Prepared:
+def _finish(p: Prepared, cfg: DataConfig, progress: bool, repair: bool) -> Prepared:
     _check_seq_len(p, cfg)
     if cfg.packing == "decompose":  # bucket files go into a subfolder (see data/decompose.py)
         from .decompose import decompose
 
-        decompose(p, cfg.buckets, cfg.decompose_seed, progress=progress)
+        decompose(p, cfg.buckets, cfg.decompose_seed, progress=progress, repair=repair)
     return p
 
 

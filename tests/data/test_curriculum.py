@@ -4,7 +4,7 @@ second draw computed exactly), exhausted buckets, cycles, and purity in (seed, s
 import numpy as np
 import pytest
 
-from kiln.data.curriculum import Curriculum, bucket_weights, epoch_order
+from kiln.data.curriculum import Curriculum, apportion, bucket_weights, epoch_order
 from tests.data.chisq import chisq_pvalue
 
 
@@ -78,3 +78,18 @@ def test_curriculum_is_a_pure_function_of_seed_and_step():
         nths = [a.at(s)[1] for s in range(9) if a.at(s)[0] == bucket]
         assert nths == list(range(len(nths)))
     assert Curriculum([4, 3, 2], [4, 2, 1], 2, seed=8).buckets(0, 9).tolist() != e0.tolist()
+
+
+def test_a_short_run_gets_the_natural_mix_and_the_whole_curriculum():
+    batches = np.array([300, 200, 120, 80])
+    assert apportion(batches, 0).tolist() == batches.tolist()
+    assert apportion(batches, 10_000).tolist() == batches.tolist()
+    assert apportion(batches, 70).tolist() == [30, 20, 12, 8]
+    share = apportion(batches, 77)
+    assert share.sum() == 77 and np.all(np.abs(share - batches * 77 / 700) < 1)
+    c = Curriculum(batches, bucket_weights("grow_p2", 4), 2, seed=0, horizon=70)
+    assert c.steps_per_epoch == 70
+    first, second = c.buckets(0, 35), c.buckets(35, 70)
+    for seg in (first, second):  # both cycles inside the run, each short to long
+        assert np.bincount(seg, minlength=4).tolist() == [15, 10, 6, 4]
+        assert seg[:10].mean() < seg[-10:].mean()

@@ -144,7 +144,10 @@ def test_corrupt_decomposition_is_rebuilt(decompose_cfg, tmp_path):
     victim.write_bytes(victim.read_bytes()[:-2])
     with pytest.raises(DataError, match="wrong size"):
         Decomposed.load(d.dir)
-    again = decompose(p, [2, 5], 0, progress=False)
+    with pytest.raises(DataError, match="wrong size"):  # what `kiln train` does: refuse
+        prepare(decompose_cfg, progress=False, repair=False)
+    assert Path(p.train_prefix + ".bin").is_file()  # the tokenised folder is left alone
+    again = decompose(p, [2, 5], 0, progress=False)  # what `kiln prepare` does: rebuild
     assert not again.reused and again.summary == d.summary
 
 
