@@ -4,15 +4,20 @@ Prints, for one node (8 ranks) and two nodes (2 x 4 ranks): balancedness (mean/m
 rank), the fraction of consecutive-layer transitions that cross ranks / nodes, the modelled step
 time (docs/moe.md has the model) with its ratio to Megatron's contiguous placement, and the ILP's
 solve time and stage-1 gap. Profiles are synthetic Zipf traces with cross-layer correlation unless
---profile names a RoutingProfile .npz (e.g. one recorded from a trained MoE).
+--profile names a RoutingProfile .npz, or --run a kiln run whose latest routing profile is used
+(real traces: `kiln train recipes/moe_tiny.yaml`, then `kiln profile-routing runs/moe_tiny`).
+--a2a also measures kiln's expert-parallel all-to-all on gloo for each one-node placement
+(bench/placement_a2a.py).
 
     .venv/bin/python bench/placement.py                      # 16 layers x 64 experts, top-2
     .venv/bin/python bench/placement.py --zipf 0.8 --correlation 0.5
+    .venv/bin/python bench/placement.py --run runs/moe_tiny --ranks 4 --a2a
     .venv/bin/python bench/placement.py --profile runs/x/routing.npz --out placement.json
 """
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from kiln.parallel.placement import (CostModel, PlacementError, RoutingProfile, Topology, place,
                                      synthetic_profile)
@@ -27,6 +32,12 @@ ROWS = [("contiguous", "contiguous", {}), ("round_robin", "round_robin", {}),
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profile", help="RoutingProfile .npz to place (default: synthetic)")
+    ap.add_argument("--run", help="kiln run dir: place its profiles/routing_latest.npz (real trace)")
+    ap.add_argument("--a2a", action="store_true", help="measure the all-to-all on gloo per placement")
+    ap.add_argument("--a2a-tokens", type=int, default=2048, help="tokens per rank for --a2a")
+    ap.add_argument("--a2a-dim", type=int, default=256, help="hidden size for --a2a")
+    ap.add_argument("--a2a-ffn", type=int, default=512, help="expert hidden size for --a2a")
+    ap.add_argument("--a2a-repeats", type=int, default=5)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--top-k", type=int, default=2)
@@ -42,6 +53,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="only the baselines and the plain ilp")
     ap.add_argument("--out", help="write the ILP placement.json of the last topology here")
     a = ap.parse_args(argv)
+    if a.run:
+        a.profile = str(Path(a.run) / "profiles" / "routing_latest.npz")
     try:
         if a.profile:
             prof = RoutingProfile.load(a.profile)
@@ -59,7 +72,7 @@ def main(argv=None):
     print(f"cost model: hidden {cost.hidden}, ffn {cost.ffn_hidden}, {cost.flops_per_s / 1e12:.0f} "
           f"TFLOP/s, intra {cost.intra_bw / 1e9:.0f} GB/s, inter {cost.inter_bw / 1e9:.0f} GB/s")
     rows = [r for r in ROWS if not (a.quick and "align" in r[0])]
-    last = None
+    last, one_node = None, {}
     for nodes in (1, 2):
         topo = Topology(a.ranks, nodes)
         print(f"\n== {a.ranks} ranks on {nodes} node{'s' if nodes > 1 else ''}")
@@ -78,6 +91,8 @@ def main(argv=None):
                 print(f"{name:<12} n/a ({e})")
                 continue
             dt = time.perf_counter() - t0
+            if nodes == 1 and name not in ("ilp+align", "ilp eq+align"):
+                one_node[name] = r.placement
             m = r.metrics
             base = base or m
             gap = f"{r.solver['gap']:.4f}" if r.solver else "-"
@@ -97,6 +112,12 @@ def main(argv=None):
                     last = r
     print("\nspeedup = contiguous step time / step time; a2a cost = stage-2 all-to-all cost "
           "(traffic/bandwidth + weighted max rank pair) relative to contiguous.")
+    if a.a2a and one_node:
+        from placement_a2a import measure, print_table
+
+        res = measure(prof.load, prof.top_k, one_node, a.a2a_dim, a.a2a_ffn, a.a2a_tokens,
+                      a.a2a_repeats, a.seed)
+        print_table(res, a.ranks, a.a2a_tokens, a.a2a_dim)
     if a.out and last is not None:
         last.to_json(a.out)
         print(f"wrote {a.out}")

@@ -4,7 +4,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ParallelConfig:
-    """Process layout. World size = data x sequence ranks (expert ranks divide the data ranks)."""
+    """Process layout. World size = data x sequence ranks; expert-parallel groups are ep
+    consecutive ranks (DeepSpeed's layout), so ep divides the world size."""
 
     zero_stage: int = field(default=0, metadata={
         "help": "DeepSpeed ZeRO stage: 0 none, 1 optimizer state, 2 +gradients, 3 +parameters",
@@ -14,7 +15,19 @@ class ParallelConfig:
     sp_impl: str = field(default="tokenring", metadata={
         "help": "sequence-parallel attention: tokenring (Q moves) or ring (K/V move)",
         "choices": ["tokenring", "ring"]})
+    sp_min_len: int = field(default=0, metadata={
+        "help": "data.packing=decompose with sp > 1: buckets at least this long run sequence-parallel, "
+                "shorter ones data-parallel over all ranks (0 = every bucket sequence-parallel)"})
+    ep: int = field(default=1, metadata={
+        "help": "expert-parallel ranks the MoE experts are sharded over (1 = off)"})
 
     def validate(self):
         if self.sp < 1:
             raise ValueError(f"parallel.sp must be >= 1 (got {self.sp})")
+        if self.sp_min_len < 0:
+            raise ValueError(f"parallel.sp_min_len must be >= 0 (got {self.sp_min_len})")
+        if self.ep < 1:
+            raise ValueError(f"parallel.ep must be >= 1 (got {self.ep})")
+        if self.ep > 1 and self.zero_stage == 3:
+            raise ValueError("parallel.ep > 1 needs parallel.zero_stage <= 2 (DeepSpeed's MoE path "
+                             "does not support ZeRO-3)")

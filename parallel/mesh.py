@@ -18,6 +18,9 @@ class Mesh:
     sp: int
     sp_group: object = None
     dp_group: object = None
+    ep: int = 1
+    ep_group: object = None   # ep consecutive ranks: the all-to-all of MoE dispatch
+    edp_group: object = None  # ranks holding the same experts: their gradients are averaged here
 
     @property
     def dp(self) -> int:
@@ -32,12 +35,16 @@ class Mesh:
         return self.rank % self.sp
 
 
-def build_mesh(sp: int = 1) -> Mesh:
-    """Create the sequence- and data-parallel groups (every rank must call this, same order)."""
+def build_mesh(sp: int = 1, ep: int = 1) -> Mesh:
+    """Create the sequence-, data- and expert-parallel groups (every rank must call this, same
+    order). Expert groups are DeepSpeed's (see kiln.parallel.expert_deepspeed), so that its
+    gradient reduction and kiln's all-to-all agree on who holds which experts."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % sp:
         raise ValueError(f"world size {world} is not a multiple of parallel.sp={sp}")
-    mesh = Mesh(rank=rank, world=world, sp=sp)
+    if world % ep:
+        raise ValueError(f"world size {world} is not a multiple of parallel.ep={ep}")
+    mesh = Mesh(rank=rank, world=world, sp=sp, ep=ep)
     for d in range(world // sp):  # new_group is collective: every rank creates every group
         g = dist.new_group(list(range(d * sp, (d + 1) * sp)))
         if d == mesh.dp_rank:
@@ -46,4 +53,8 @@ def build_mesh(sp: int = 1) -> Mesh:
         g = dist.new_group(list(range(s, world, sp)))
         if s == mesh.sp_rank:
             mesh.dp_group = g
+    if ep > 1:
+        from kiln.parallel.expert_deepspeed import expert_groups
+
+        mesh.ep_group, mesh.edp_group = expert_groups(ep)
     return mesh

@@ -61,8 +61,10 @@ def check_compatible(run_dir: Path, recipe_dict: dict) -> None:
                 f"{new_value!r}: use another train.name, or --no-resume to start over")
 
 
-def save(engine, run_dir: Path, step: int, state: dict, recipe_dict: dict, keep: int) -> Path:
-    """Save engine + kiln state for `step` (collective: every rank calls it); prune old ones."""
+def save(engine, run_dir: Path, step: int, state: dict, recipe_dict: dict, keep: int,
+         experts=None) -> Path:
+    """Save engine + kiln state for `step` (collective: every rank calls it); prune old ones.
+    `experts` (kiln.parallel.expert_state.ExpertCheckpoint) saves sharded experts too."""
     root, tag = ckpt_root(run_dir), tag_for(step)
     rank = dist.get_rank()
     # kiln's files first: DeepSpeed's `latest` (written last) then marks the tag complete.
@@ -71,6 +73,8 @@ def save(engine, run_dir: Path, step: int, state: dict, recipe_dict: dict, keep:
     if rank == 0:
         (root / tag / "kiln_recipe.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
         (root / tag / "kiln_state.json").write_text(json.dumps(state))
+    if experts is not None:
+        experts.save(root / tag)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state={"kiln": state})
     dist.barrier()
@@ -83,12 +87,16 @@ def save(engine, run_dir: Path, step: int, state: dict, recipe_dict: dict, keep:
     return root / tag
 
 
-def load(engine, run_dir: Path) -> dict | None:
-    """Restore the newest checkpoint into `engine`; returns kiln's state, or None if none."""
+def load(engine, run_dir: Path, experts=None) -> dict | None:
+    """Restore the newest checkpoint into `engine`; returns kiln's state, or None if none.
+    `experts` (an ExpertCheckpoint) restores sharded experts, which DeepSpeed does not save."""
     tag = latest_tag(run_dir)
     if tag is None:
         return None
-    path, client = engine.load_checkpoint(str(ckpt_root(run_dir)), tag=tag)
+    path, client = engine.load_checkpoint(str(ckpt_root(run_dir)), tag=tag,
+                                          custom_load_fn=experts.load_module if experts else None)
+    if experts is not None and path is not None:
+        experts.load(ckpt_root(run_dir) / tag)
     if path is None or "kiln" not in (client or {}):
         raise CheckpointError(f"checkpoint {ckpt_root(run_dir) / tag} could not be loaded: "
                               "run with --no-resume to start over")

@@ -81,6 +81,11 @@ def cmd_train(args) -> int:
     if args.nproc is not None:
         recipe.train.nproc = args.nproc
         recipe = from_dict(to_dict(recipe))  # re-check combinations with the new rank count
+    if recipe.train.placement not in ("contiguous", "auto"):  # a placement.json: check it fits
+        from kiln.parallel.placement_io import PlacementResult
+
+        PlacementResult.from_json(recipe.train.placement, recipe.model.moe_layers,
+                                  recipe.model.moe.num_experts, recipe.parallel.ep)
     run_dir = Path(recipe.train.run_root) / recipe.train.name
     if latest_tag(run_dir) is not None:
         if args.no_resume:

@@ -115,9 +115,33 @@ def _check_combination(r: Recipe) -> None:
         if r.data.seq_len % (2 * r.parallel.sp):
             raise ConfigError(f"data.seq_len ({r.data.seq_len}) must be divisible by 2 * parallel.sp "
                               f"= {2 * r.parallel.sp} for the zigzag layout")
+    if r.parallel.ep > 1:
+        if r.model.mlp != "moe":
+            raise ConfigError(f"parallel.ep={r.parallel.ep} shards MoE experts: set model.mlp=moe "
+                              "or parallel.ep=1")
+        if r.train.nproc % r.parallel.ep:
+            raise ConfigError(f"train.nproc ({r.train.nproc}) must be a multiple of parallel.ep "
+                              f"({r.parallel.ep})")
+        experts = r.model.moe.num_experts * r.model.moe_layers
+        if experts % r.parallel.ep:
+            raise ConfigError(f"{experts} experts (num_experts x MoE layers) do not divide over "
+                              f"parallel.ep={r.parallel.ep} ranks: memory balance needs a multiple")
+    if r.train.placement != "contiguous":
+        if r.parallel.ep == 1:
+            raise ConfigError("train.placement applies to expert parallelism: set parallel.ep > 1 or "
+                              "leave train.placement=contiguous")
+        if r.train.placement != "auto" and not Path(r.train.placement).is_file():
+            raise ConfigError(f"train.placement={r.train.placement!r} is neither contiguous, auto nor an "
+                              "existing file: run `kiln place RUN_DIR` to write a placement.json")
     if r.objective.name == "clm" and not r.model.causal:
         raise ConfigError("objective.name=clm needs model.causal=true (an encoder would see the "
                           "tokens it predicts)")
+    from kiln.trainer.decompose_run import check_recipe  # data.packing=decompose, variable batches
+
+    try:
+        check_recipe(r)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_overrides(overrides) -> dict:

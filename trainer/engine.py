@@ -46,8 +46,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 def build_engine(objective: torch.nn.Module, recipe, bf16: bool):
     """Wrap the objective module, AdamW and the schedule in a DeepSpeed engine."""
     o = recipe.optim
-    opt = torch.optim.AdamW(param_groups(objective, o.weight_decay), lr=o.lr,
-                            betas=(o.beta1, o.beta2), eps=o.eps)
+    groups = param_groups(objective, o.weight_decay)
+    if recipe.parallel.ep > 1:  # expert params in their own groups: DeepSpeed reduces them per expert group
+        from kiln.parallel.expert_deepspeed import expert_param_groups
+
+        groups = expert_param_groups(groups)
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     s = recipe.schedule
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: lr_lambda(step, s.warmup_steps, recipe.train.steps, s.decay, o.min_lr_ratio))

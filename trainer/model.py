@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kiln import kernels
+from kiln.trainer.moe import MoE
 from kiln.trainer.sections import ModelConfig
 
 
@@ -64,19 +65,26 @@ class SwiGLU(nn.Module):
         return self.w2(kernels.swiglu(self.w1(x), self.w3(x)))
 
 
-# MLP blocks by `model.mlp`; the MoE issue registers "moe" here.
-MLP_BLOCKS = {"swiglu": SwiGLU}
+# MLP blocks by `model.mlp`.
+MLP_BLOCKS = {"swiglu": SwiGLU, "moe": MoE.from_model_config}
+
+
+def mlp_kind(cfg: ModelConfig, layer: int) -> str:
+    """The MLP block of layer `layer`: model.mlp, except dense where model.moe skips a layer."""
+    if cfg.mlp == "moe" and not cfg.moe.is_moe_layer(layer):
+        return "swiglu"
+    return cfg.mlp
 
 
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP_BLOCKS[cfg.mlp](cfg)
+        self.mlp = MLP_BLOCKS[mlp_kind(cfg, layer)](cfg)
 
     def forward(self, x, cos, sin, doc_ids):
         x = x + self.attn(self.attn_norm(x), cos, sin, doc_ids)
@@ -115,7 +123,7 @@ class Transformer(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be resolved (>0) before building the model")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = OutputHead(cfg.dim, cfg.vocab_size, self.embed if cfg.tie_embeddings else None)
         self.reset_parameters()
@@ -130,7 +138,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
+            elif name.endswith(("wo.weight", "w2.weight", "experts.w2", "shared.w2")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:
                 nn.init.normal_(p, 0.0, std)
@@ -152,10 +160,14 @@ class Transformer(nn.Module):
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in a matmul per token (all linear layers incl. the LM head)."""
+    """Parameters that take part in a matmul per token (all linear layers incl. the LM head;
+    for MoE layers the router and the experts a token is routed to, not all experts)."""
     d, h = cfg.dim, cfg.hidden_dim
     attn = d * cfg.n_heads * cfg.head_dim * 2 + d * cfg.kv_heads * cfg.head_dim * 2
-    return cfg.n_layers * (attn + 3 * d * h) + d * cfg.vocab_size
+    moe = cfg.moe_layers
+    # an MoE layer: the router plus the top_k routed and the shared experts each token passes
+    active = d * cfg.moe.num_experts + 3 * d * (cfg.moe.expert_ffn_dim or h) * (cfg.moe.top_k + cfg.moe.shared_experts)
+    return cfg.n_layers * attn + (cfg.n_layers - moe) * 3 * d * h + moe * active + d * cfg.vocab_size
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

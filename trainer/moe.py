@@ -91,7 +91,7 @@ class Router(nn.Module):
 
     aux: "load_balance" and "z" (unweighted scalars), "dropped" (choices dropped by capacity,
     an int tensor), "loss" = aux_loss_coef * load_balance + z_loss_coef * z.
-    Logits are computed in fp32: bf16 router logits flip top-k choices between runs.
+    Logits are computed in (at least) fp32: bf16 router logits flip top-k choices easily.
     """
 
     def __init__(self, dim: int, cfg: MoEConfig):
@@ -102,7 +102,8 @@ class Router(nn.Module):
 
     def forward(self, x):
         cfg, n = self.cfg, x.shape[0]
-        logits = F.linear(x.float(), self.weight.float())
+        dt = torch.promote_types(x.dtype, torch.float32)  # at least fp32
+        logits = F.linear(x.to(dt), self.weight.to(dt))
         probs = logits.softmax(-1)
         top_p, idx = probs.topk(cfg.top_k, dim=-1)
         if cfg.renormalize and cfg.top_k > 1:
@@ -141,11 +142,15 @@ class SwiGLUExperts(nn.Module):
             else list(tokens_per_expert)
         ids = range(len(sizes)) if ids is None else ids
         outs = []
-        for e, rows in zip(ids, torch.split(x, sizes)):
+        for e, rows in zip(ids, torch.split(x, sizes) if sizes else ()):
             if rows.shape[0]:
                 outs.append(kernels.swiglu(rows @ self.w1[e].t(), rows @ self.w3[e].t()) @ self.w2[e].t())
-        if not outs:  # keep the weights in the graph so every rank has (zero) gradients
-            return x.new_zeros(0, self.w2.shape[1]) + 0 * (self.w1.sum() + self.w3.sum() + self.w2.sum())
+        if not outs:
+            # Keep x and the weights in the graph: under expert parallelism a rank that received
+            # no tokens must still run the backward all-to-all the other ranks wait for, and
+            # every rank must produce (zero) weight gradients for the reduction.
+            zero = 0 * (x.sum() + self.w1.sum() + self.w3.sum() + self.w2.sum())
+            return x.new_zeros(0, self.w2.shape[1]) + zero
         return torch.cat(outs)
 
 

@@ -6,10 +6,12 @@ New objectives (MEAP, ELECTRA) register in OBJECTIVES with the same call shape.
 from torch import nn
 
 from kiln.parallel.sequence import token_share
+from kiln.trainer.moe import moe_aux_loss
 
 
 class CausalLM(nn.Module):
-    """Next-token prediction: mean cross-entropy over labels != -100."""
+    """Next-token prediction: mean cross-entropy over labels != -100 (+ the MoE blocks' router
+    losses while training; evaluation reports the cross-entropy alone)."""
 
     def __init__(self, model: nn.Module, z_loss: float = 0.0, sp_group=None):
         super().__init__()
@@ -22,6 +24,10 @@ class CausalLM(nn.Module):
         loss = self.model.head(hidden, labels=labels, z_loss=self.z_loss)
         if self.sp_group is not None:
             loss = loss * token_share(labels, self.sp_group).to(loss.dtype)
+        if self.training:
+            aux = moe_aux_loss(self.model)
+            if aux is not None:
+                loss = loss + aux.to(loss.dtype)
         return loss
 
 

@@ -1,6 +1,8 @@
 """The trainer's own recipe sections: model, objective, optim, schedule, train, checkpoint, logging."""
 from dataclasses import dataclass, field
 
+from kiln.trainer.moe import MoEConfig
+
 
 @dataclass
 class ModelConfig:
@@ -15,7 +17,10 @@ class ModelConfig:
     ffn_dim: int = field(default=0, metadata={
         "help": "MLP hidden size; 0 = 8/3 * dim rounded up to a multiple of 64"})
     mlp: str = field(default="swiglu", metadata={
-        "help": "MLP block built in every layer", "choices": ["swiglu"]})
+        "help": "MLP block: swiglu (dense) or moe (experts in the layers model.moe selects)",
+        "choices": ["swiglu", "moe"]})
+    moe: MoEConfig = field(default_factory=MoEConfig, metadata={
+        "help": "Mixture-of-Experts settings (used when mlp = moe)"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
     norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
     tie_embeddings: bool = field(default=False, metadata={
@@ -49,6 +54,15 @@ class ModelConfig:
         for name in ("dim", "n_layers", "n_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1")
+        if self.mlp == "moe":
+            self.moe.validate()
+
+    @property
+    def moe_layers(self) -> int:
+        """How many layers carry the MoE block (0 for a dense model)."""
+        if self.mlp != "moe":
+            return 0
+        return sum(self.moe.is_moe_layer(i) for i in range(self.n_layers))
 
 
 @dataclass
@@ -97,6 +111,9 @@ class TrainConfig:
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     micro_batch: int = field(default=8, metadata={"help": "sequences per rank per micro-step"})
     grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    tokens_per_step: int = field(default=0, metadata={
+        "help": "data.packing=decompose: tokens per optimizer step, constant (a step of bucket 2^k has "
+                "tokens_per_step / 2^k rows); 0 = micro_batch x grad_accum x data-parallel ranks x 2^max"})
     nproc: int = field(default=2, metadata={"help": "local ranks started by `kiln train`"})
     seed: int = field(default=1234, metadata={"help": "seed for init, data order and sampling"})
     log_every: int = field(default=10, metadata={"help": "console/metrics interval in steps"})
@@ -107,11 +124,27 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={
         "help": "auto = bf16 on GPU, fp32 on CPU", "choices": ["auto", "fp32", "bf16"]})
     threads: int = field(default=0, metadata={"help": "torch threads per rank; 0 = cores / local ranks"})
+    placement: str = field(default="contiguous", metadata={
+        "help": "MoE expert placement: contiguous, auto (re-solve every placement_every steps) or a "
+                "placement.json path (kiln place)"})
+    placement_every: int = field(default=0, metadata={
+        "help": "with placement=auto: re-solve the ILP and migrate experts every this many steps"})
+    placement_time_limit: float = field(default=10.0, metadata={
+        "help": "seconds the ILP may take for placement=auto"})
+    profile_every: int = field(default=0, metadata={
+        "help": "save a routing profile (counts since the last one) every this many steps, 0 = off"})
 
     def validate(self):
         for name in ("steps", "micro_batch", "grad_accum", "nproc", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.tokens_per_step < 0:
+            raise ValueError(f"train.tokens_per_step must be >= 0 (got {self.tokens_per_step})")
+        if min(self.placement_every, self.profile_every) < 0 or self.placement_time_limit <= 0:
+            raise ValueError("train.placement_every and train.profile_every must be >= 0 and "
+                             "train.placement_time_limit > 0")
+        if self.placement == "auto" and self.placement_every < 1:
+            raise ValueError("train.placement=auto needs train.placement_every >= 1 (steps between re-solves)")
 
 
 @dataclass

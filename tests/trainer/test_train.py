@@ -44,6 +44,7 @@ def test_loss_falls_on_embedded_corpus(small_recipe, tmp_path):
 
 def test_kill_and_resume_equals_uninterrupted(small_recipe, tmp_path):
     common = ["--set", "train.steps=24", "--set", "checkpoint.every=8", "--set", "model.dim=128",
+              "--set", "train.grad_accum=2", "--set", "train.micro_batch=2",
               "--set", "data.seq_len=128"]
     kiln("train", small_recipe, *common, "--set", "train.name=straight")
     ref = losses(tmp_path / "runs" / "straight")

@@ -1,0 +1,178 @@
+"""The MoE side of a training run: expert parallelism, placement, routing profiles, metrics.
+
+`MoERun.setup` is called by the loop after the model is built; it returns None for dense models.
+Placement (`train.placement`):
+  * contiguous / PATH (placement.json): applied on start; on resume the checkpoint is restored
+    under the placement it was saved with and the experts then migrate to the requested one;
+  * auto: start contiguous (or keep the saved placement on resume) and every
+    `train.placement_every` steps re-solve MoETuner's ILP from the latest routing profile and
+    migrate the experts (weights and optimizer state) in place.
+Profiles: every `train.profile_every` steps the routing counts since the last profile are saved
+under <run>/profiles/ (and logged to W&B as heatmaps).
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from kiln.parallel.expert import A2A_STATS, apply_expert_parallel, contiguous_placement, moe_blocks
+from kiln.parallel.placement import place
+from kiln.parallel.placement_io import PlacementError, PlacementResult
+from kiln.parallel.placement_metrics import CostModel, Topology
+from kiln.parallel.routing import RoutingProfiler, placement_quality, save_profile, wandb_heatmaps
+from kiln.trainer.checkpoint import CheckpointError, ckpt_root, latest_tag
+
+
+def cost_model(model_cfg, bf16: bool) -> CostModel:
+    """The placement cost model for this model's sizes (hardware figures stay the defaults)."""
+    width = model_cfg.moe.expert_ffn_dim or model_cfg.hidden_dim
+    return CostModel(hidden=model_cfg.dim, ffn_hidden=width, bytes_per_elem=2 if bf16 else 4)
+
+
+def requested_placement(spec: str, layers: int, experts: int, ranks: int):
+    """The placement `train.placement` asks for: an [L, E] array, or None for auto."""
+    if spec == "auto":
+        return None
+    if spec == "contiguous":
+        return contiguous_placement(layers, experts, ranks)
+    return PlacementResult.from_json(spec, layers, experts, ranks).placement
+
+
+class MoERun:
+    """Holds the MoE pieces of one rank's run (see module doc)."""
+
+    def __init__(self, recipe, model, mesh, run_dir: Path, bf16: bool):
+        self.recipe, self.model, self.mesh, self.run_dir = recipe, model, mesh, Path(run_dir)
+        self.blocks = moe_blocks(model)
+        self.layers, self.experts = len(self.blocks), self.blocks[0].num_experts
+        self.ep = recipe.parallel.ep
+        self.bf16 = bf16
+        self.profiler = RoutingProfiler(model)
+        self.last_profile = None
+        self.want = None
+
+    @classmethod
+    def setup(cls, recipe, model, mesh, run_dir, bf16: bool, saved_placement=None):
+        """Apply expert parallelism under the placement to start from; None for a dense model.
+
+        saved_placement: the placement of the checkpoint being resumed (None on a fresh start).
+        """
+        if not moe_blocks(model):
+            return None
+        run = cls(recipe, model, mesh, run_dir, bf16)
+        if run.ep > 1:
+            from kiln.parallel.expert_deepspeed import mark_expert_params
+
+            run.want = requested_placement(recipe.train.placement, run.layers, run.experts, run.ep)
+            start = saved_placement if saved_placement is not None else run.want
+            apply_expert_parallel(model, mesh.ep_group, start)
+            mark_expert_params(model, run.ep)
+        return run
+
+    @property
+    def placement(self):
+        return self.model.kiln_ep.placement if self.ep > 1 else None
+
+    def after_resume(self, engine) -> None:
+        """Migrate from the checkpoint's placement to the requested one (no-op if equal or auto)."""
+        if self.ep > 1 and self.want is not None and not np.array_equal(self.want, self.placement):
+            self._migrate(self.want, engine, "train.placement")
+
+    def _migrate(self, placement, engine, why: str) -> None:
+        from kiln.parallel.expert_state import migrate
+
+        info = migrate(self.model, placement, engine.optimizer)
+        if dist.get_rank() == 0:
+            print(f"kiln: {why}: moved {info['moved_experts']} experts to the new placement", flush=True)
+
+    def on_step_end(self, step: int, engine, monitor) -> None:
+        """Save a routing profile / re-solve the placement when their intervals come up."""
+        t = self.recipe.train
+        if t.profile_every and step % t.profile_every == 0:
+            prof = self.profiler.snapshot("profile")
+            if prof is not None:
+                self.last_profile = prof
+                if dist.get_rank() == 0:
+                    path = save_profile(prof, self.run_dir, step)
+                    print(f"kiln: routing profile {path}", flush=True)
+                    if monitor.wandb is not None:
+                        try:
+                            monitor.wandb.log(wandb_heatmaps(prof), step=step)
+                        except Exception as e:  # a logging problem must not stop training
+                            print(f"kiln: W&B routing heatmaps not logged ({type(e).__name__}: {e})")
+        if self.ep > 1 and t.placement == "auto" and t.placement_every and step % t.placement_every == 0:
+            prof = self.last_profile or self.profiler.snapshot("profile", reset=False)
+            if prof is not None:
+                self._resolve(prof, engine, step)
+
+    def _resolve(self, prof, engine, step: int) -> None:
+        """Rank 0 solves the ILP (time-limited), every rank migrates to the result."""
+        box = [None]
+        if dist.get_rank() == 0:
+            res = place(prof, "ilp", Topology(ranks=self.ep), cost_model(self.recipe.model, self.bf16),
+                        time_limit=self.recipe.train.placement_time_limit)
+            res.to_json(str(self.run_dir / "placement_auto.json"))
+            box = [res.placement]
+        dist.broadcast_object_list(box, src=0)
+        if not np.array_equal(box[0], self.placement):
+            self._migrate(box[0], engine, f"auto placement at step {step}")
+
+    def metrics(self, steps: int, device) -> dict:
+        """Routing quality, all-to-all bytes/time per step and aux loss (collective: all ranks call)."""
+        out = {}
+        prof = self.profiler.snapshot("metrics")
+        if prof is not None:
+            out.update(placement_quality(prof, self.placement, self.ep))
+        a2a = A2A_STATS.snapshot()
+        aux = sum(float(b.aux_loss.detach()) for b in self.blocks if b.aux_loss is not None)
+        dropped = sum(int(b.stats.get("dropped", 0)) for b in self.blocks)
+        t = torch.tensor([a2a["bytes"], a2a["seconds"], aux, dropped], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        world = dist.get_world_size()
+        out.update({"moe/aux_loss": t[2].item() / world, "moe/dropped": t[3].item()})
+        if self.ep > 1:
+            out.update({"moe/a2a_bytes_per_step": t[0].item() / world / max(steps, 1),
+                        "moe/a2a_s_per_step": t[1].item() / world / max(steps, 1)})
+        return out
+
+    def line(self, rec: dict) -> str:
+        """The console suffix for a metrics record."""
+        s = f" | moe aux {rec.get('moe/aux_loss', 0):.3f}"
+        if "moe/balance_min" in rec:
+            s += f" bal {rec['moe/balance_min']:.2f}"
+        if "moe/cross_rank_frac" in rec and self.ep > 1:
+            s += f" xrank {rec['moe/cross_rank_frac']:.2f}"
+        if "moe/a2a_s_per_step" in rec:
+            s += f" a2a {rec['moe/a2a_bytes_per_step'] / 2 ** 20:.1f}MiB {1e3 * rec['moe/a2a_s_per_step']:.0f}ms"
+        return s
+
+
+
+def resume_placement(run_dir, ep: int):
+    """The placement the newest checkpoint was saved under (None: no checkpoint, or not expert
+    parallel). Raises CheckpointError when the checkpoint's expert parallelism differs from ep."""
+    tag = latest_tag(run_dir)
+    if tag is None:
+        return None
+    from kiln.parallel.expert_state import expert_files, saved_placement
+
+    tag_dir = ckpt_root(run_dir) / tag
+    try:
+        placement = saved_placement(tag_dir)
+    except PlacementError as e:
+        raise CheckpointError(str(e)) from None
+    ranks = len(expert_files(tag_dir))
+    if (placement is None) != (ep == 1) or (placement is not None and ranks != ep):
+        raise CheckpointError(f"checkpoint {tag_dir} was saved with parallel.ep={max(ranks, 1)} but the "
+                              f"recipe says {ep}: resume with parallel.ep={max(ranks, 1)} or use --no-resume")
+    return placement
+
+
+def expert_checkpoint(model, mesh):
+    """Checkpoint hooks for sharded experts (None without expert parallelism)."""
+    if not hasattr(model, "kiln_ep"):
+        return None
+    from kiln.parallel.expert_state import ExpertCheckpoint
+
+    return ExpertCheckpoint(model, writer=dist.get_rank(mesh.edp_group) == 0)

@@ -1,0 +1,156 @@
+"""`kiln place` and `kiln profile-routing`: placement solving and held-out routing profiles.
+
+Both run in one process, without torch.distributed: `profile-routing` rebuilds the model
+unsharded from a checkpoint (experts are read by (layer, expert) from kiln's expert files, so any
+placement and expert-parallel size loads) and routes held-out batches; `place` solves MoETuner's
+ILP on a run's latest profile and writes <run>/placement.json.
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from kiln.parallel.expert import contiguous_placement, moe_blocks
+from kiln.parallel.placement import place
+from kiln.parallel.placement_io import PlacementError, RoutingProfile
+from kiln.parallel.placement_metrics import Topology, evaluate
+from kiln.parallel.routing import RoutingProfiler, latest_profile, placement_quality, save_profile
+from kiln.trainer.checkpoint import ckpt_root, latest_tag
+from kiln.trainer.config import ConfigError, from_dict, load_recipe
+from kiln.trainer.moe_run import cost_model
+
+
+def _run_recipe(run_dir: Path):
+    f = run_dir / "recipe.yaml"
+    if not f.is_file():
+        raise ConfigError(f"{run_dir} is not a kiln run directory (no recipe.yaml): pass e.g. runs/moe_tiny")
+    return load_recipe(f)
+
+
+def place_run(run_dir, ranks: int | None = None, nodes: int = 1, time_limit: float = 60.0,
+              profile: str | None = None, strategy: str = "ilp"):
+    """Solve the placement for `run_dir`'s latest routing profile; write run_dir/placement.json.
+    Returns (PlacementResult, contiguous metrics dict, path)."""
+    run_dir = Path(run_dir)
+    recipe = _run_recipe(run_dir)
+    if recipe.model.mlp != "moe":
+        raise ConfigError(f"{run_dir} trains a dense model (model.mlp={recipe.model.mlp}): nothing to place")
+    ranks = ranks or recipe.parallel.ep
+    if ranks < 2:
+        raise ConfigError("the run has parallel.ep=1: pass --ranks R (the expert-parallel size to place for)")
+    path = Path(profile) if profile else latest_profile(run_dir)
+    if not path.is_file():
+        raise PlacementError(f"no routing profile at {path}: train with train.profile_every > 0 or run "
+                             f"`kiln profile-routing {run_dir}` first")
+    prof = RoutingProfile.load(str(path))
+    topo = Topology(ranks=ranks, nodes=nodes)
+    cost = cost_model(recipe.model, bf16=recipe.train.precision != "fp32")
+    res = place(prof, strategy, topo, cost, time_limit=time_limit)
+    base = evaluate(prof, contiguous_placement(prof.layers, prof.experts, ranks), topo, cost).to_dict()
+    res.solver = {**res.solver, "profile": str(path)}
+    out = run_dir / "placement.json"
+    res.to_json(str(out))
+    return res, base, out
+
+
+def _checkpoint_dir(path: Path) -> tuple[Path, Path]:
+    """(run dir, checkpoint tag dir) for a run dir or a checkpoint tag dir."""
+    if (path / "kiln_recipe.yaml").is_file():
+        return path.parent.parent, path
+    tag = latest_tag(path)
+    if tag is None:
+        raise ConfigError(f"{path} is neither a run directory with checkpoints nor a checkpoint "
+                          "directory (step_XXXXXXXX): pass e.g. runs/moe_tiny")
+    return path, ckpt_root(path) / tag
+
+
+def load_unsharded(tag_dir: Path, recipe, vocab: int):
+    """The model of a checkpoint on one CPU process, whatever its ZeRO stage and placement."""
+    from kiln.parallel.expert_state import expert_files, read_full_experts
+    from kiln.trainer.loop import resolve_model
+    from kiln.trainer.model import Transformer
+
+    model = Transformer(resolve_model(recipe, vocab))
+    if recipe.parallel.zero_stage == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:
+        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    state = {k.removeprefix("model."): v for k, v in state.items() if "expert_bank." not in k}
+    result = model.load_state_dict(state, strict=False)
+    missing = set(result.missing_keys)
+    if expert_files(tag_dir):
+        full = read_full_experts(tag_dir)
+        with torch.no_grad():
+            for l, block in enumerate(moe_blocks(model)):
+                for name in ("w1", "w3", "w2"):
+                    getattr(block.experts, name).copy_(full[name][l])
+        missing = {k for k in missing if ".mlp.experts." not in k}
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"checkpoint {tag_dir} does not match its recipe's model (missing "
+                          f"{sorted(missing)[:3]}, unexpected {result.unexpected_keys[:3]})")
+    return model.eval()
+
+
+def profile_checkpoint(path, batches: int = 16, out: str | None = None):
+    """Route `batches` held-out batches through a checkpoint's model; save and return the profile.
+    Returns (RoutingProfile, saved path, quality dict under the run's placement or per expert)."""
+    from kiln.data.loader import ChunkLoader
+    from kiln.data.prepare import prepare
+    from kiln.parallel.expert_state import saved_placement
+
+    run_dir, tag_dir = _checkpoint_dir(Path(path))
+    recipe = from_dict(yaml.safe_load((tag_dir / "kiln_recipe.yaml").read_text()))
+    if recipe.model.mlp != "moe":
+        raise ConfigError(f"{tag_dir} is a dense model (model.mlp={recipe.model.mlp}): no routing to profile")
+    data = prepare(recipe.data, progress=False)
+    model = load_unsharded(tag_dir, recipe, data.vocab_size)
+    profiler = RoutingProfiler(model)
+    t = recipe.train
+    loader = ChunkLoader(data.valid_prefix, recipe.data.seq_len, t.micro_batch, 0, 1, t.seed)
+    with torch.no_grad():
+        for b in loader.eval_batches(batches):
+            model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
+    prof = profiler.snapshot("profile")
+    if prof is None:
+        raise ConfigError(f"the held-out split of {recipe.data.source} gave no batches to profile")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        prof.save(out)
+        saved = Path(out)
+    else:
+        saved = save_profile(prof, run_dir, name=f"routing_heldout_{tag_dir.name}.npz")
+    placement = saved_placement(tag_dir)
+    ranks = int(placement.max()) + 1 if placement is not None else 0
+    quality = placement_quality(prof, placement, ranks)
+    return prof, saved, quality
+
+
+def format_place(res, base: dict, out: Path) -> str:
+    """The console report of `kiln place`."""
+    m = res.metrics
+    gap = res.solver.get("gap")
+    lines = [f"kiln place: {res.strategy} placement for {res.ranks} ranks on {res.nodes} node(s) -> {out}",
+             f"  {'':22}{'contiguous':>12}{res.strategy:>12}",
+             f"  {'balancedness (mean)':22}{base['balancedness_mean']:>12.3f}{m['balancedness_mean']:>12.3f}",
+             f"  {'balancedness (min)':22}{base['balancedness_min']:>12.3f}{m['balancedness_min']:>12.3f}",
+             f"  {'cross-rank fraction':22}{base['cross_rank_fraction']:>12.3f}{m['cross_rank_fraction']:>12.3f}",
+             f"  {'modelled step (ms)':22}{1e3 * base['step_time_s']:>12.4f}{1e3 * m['step_time_s']:>12.4f}"]
+    if gap is not None:
+        lines.append(f"  solver: gap {gap:.4f}, {res.solver.get('solve_time_s', 0):.1f}s "
+                     f"(limit {res.solver.get('time_limit_s')}s)")
+    lines.append(f"  resume with: --set train.placement={out}")
+    return "\n".join(lines)
+
+
+def format_profile(prof: RoutingProfile, saved: Path, quality: dict) -> str:
+    """The console report of `kiln profile-routing`."""
+    per = [f"{quality[k]:.2f}" for k in sorted(q for q in quality if q.startswith("moe/balance/l"))]
+    lines = [f"kiln profile-routing: {prof.tokens:,} held-out tokens, {prof.layers} MoE layers x "
+             f"{prof.experts} experts (top-{prof.top_k}) -> {saved}",
+             f"  balancedness per layer: {' '.join(per)}"]
+    if "moe/cross_rank_frac" in quality:
+        lines.append(f"  cross-rank fraction: {quality['moe/cross_rank_frac']:.3f}")
+    lines.append(f"  load per expert (layer 0): {np.round(prof.load[0]).astype(int).tolist()}")
+    return "\n".join(lines)
