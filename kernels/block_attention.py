@@ -156,23 +156,27 @@ def attention_bwd(dout, q, k, v, out, lse, *, causal: bool, scale: float, q_doc=
     return dq, dk.mul_(scale).transpose(1, 2), dv.transpose(1, 2)
 
 
-class _Attention(torch.autograd.Function):
+class BlockAttention(torch.autograd.Function):
+    """Attention as one autograd node over a functional (fwd, bwd) pair: the torch pair above or
+    the Triton pair in flash_attention.py, which share this wrapper."""
+
     @staticmethod
-    def forward(ctx, q, k, v, q_doc, k_doc, causal, scale):
-        out, lse = attention_fwd(q, k, v, causal=causal, scale=scale, q_doc=q_doc, k_doc=k_doc)
+    def forward(ctx, q, k, v, q_doc, k_doc, causal, scale, fwd=None, bwd=None):
+        fwd, bwd = fwd or attention_fwd, bwd or attention_bwd
+        out, lse = fwd(q, k, v, causal=causal, scale=scale, q_doc=q_doc, k_doc=k_doc)
         ctx.save_for_backward(q, k, v, out, lse, q_doc, k_doc)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.bwd = causal, scale, bwd
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, q_doc, k_doc = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale,
-                                   q_doc=q_doc, k_doc=k_doc)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        dq, dk, dv = ctx.bwd(dout, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale,
+                             q_doc=q_doc, k_doc=k_doc)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def attention(q, k, v, *, causal: bool, scale: float | None = None, q_doc=None, k_doc=None):
     """Differentiable block attention (forward/backward above); scale defaults to D**-0.5."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _Attention.apply(q, k, v, q_doc, k_doc, causal, scale)
+    return BlockAttention.apply(q, k, v, q_doc, k_doc, causal, scale)

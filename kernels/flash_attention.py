@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.block_attention import _check
+from kiln.kernels.block_attention import BlockAttention, _check
 from kiln.kernels.triton_util import check_device, contiguous_last, dot_precision, next_pow2
 
 _LOG2E = 1.4426950408889634
@@ -255,24 +255,13 @@ def attention_bwd(dout, q, k, v, out, lse, *, causal: bool, scale: float | None 
     return dq, dk, dv
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, q_doc, k_doc, causal, scale):
-        out, lse = attention_fwd(q, k, v, causal=causal, scale=scale, q_doc=q_doc, k_doc=k_doc)
-        ctx.save_for_backward(q, k, v, out, lse, q_doc, k_doc)
-        ctx.causal, ctx.scale = causal, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, q_doc, k_doc = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale,
-                                   q_doc=q_doc, k_doc=k_doc)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+class _FlashAttention(BlockAttention):
+    """BlockAttention over the Triton pair (its own class so a graph shows which path ran)."""
 
 
 def attention_triton(q, k, v, *, causal: bool, scale: float | None = None, doc_ids=None):
     """Model-level attention on the Triton kernels: q [B, S, Hq, D], k/v [B, S, Hkv, D],
     doc_ids [B, S] keep packed documents apart; same contract as reference.attention_ref."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _FlashAttention.apply(q, k, v, doc_ids, doc_ids, bool(causal), scale)
+    return _FlashAttention.apply(q, k, v, doc_ids, doc_ids, bool(causal), scale, attention_fwd,
+                                 attention_bwd)
