@@ -69,7 +69,7 @@ class EagerLlama(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
 
 
-def time_interleaved(step_fns: dict, batches, warmup=2) -> dict:
+def time_interleaved(step_fns: dict, batches, warmup=3) -> dict:
     """Seconds per step of each loop, median over steps; the loops take turns step by step so
     that a change in machine load hits all of them alike."""
     for x, y in batches[:warmup]:
@@ -94,8 +94,8 @@ def plain_step(model, opt):
     return step
 
 
-def run_kiln(cfg, batches, lr):
-    """kiln's step function: objective module in a 1-rank DeepSpeed engine."""
+def run_kiln(cfg, batches, lr, compile_blocks=False):
+    """kiln's step function: objective module in a 1-rank DeepSpeed engine (train.compile)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000),
                       RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     from kiln.trainer.config import Recipe
@@ -110,7 +110,10 @@ def run_kiln(cfg, batches, lr):
     recipe.train.micro_batch = batches[0][0].shape[0]
     recipe.schedule.warmup_steps = 0
     torch.manual_seed(0)
-    engine = build_engine(CausalLM(Transformer(cfg)), recipe, bf16=False)
+    model = Transformer(cfg)
+    if compile_blocks:
+        model.compile_blocks()
+    engine = build_engine(CausalLM(model), recipe, bf16=False)
 
     def step(x, y):
         loss = engine(input_ids=x, labels=y)
@@ -151,7 +154,7 @@ class _HFLoss:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=14)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
@@ -167,7 +170,7 @@ def main():
     threads = torch.get_num_threads()
     cfg = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
                       n_kv_heads=args.kv_heads)
-    batches = synthetic_batches(args.steps + 2, args.batch, args.seq, args.vocab)
+    batches = synthetic_batches(args.steps + 3, args.batch, args.seq, args.vocab)
     peak = measure_cpu_peak(threads)
     tokens = args.batch * args.seq
     flops = flops_per_token(cfg, args.seq) * tokens
@@ -176,7 +179,8 @@ def main():
     eager = EagerLlama(args.vocab, args.dim, args.layers, args.heads, args.kv_heads, cfg.hidden_dim)
     opt = torch.optim.AdamW(eager.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     loops = {"eager PyTorch": plain_step(eager, opt), "HF LlamaForCausalLM": run_hf(cfg, batches, 1e-3),
-             "kiln (DeepSpeed engine)": run_kiln(cfg, batches, 1e-3)}
+             "kiln (DeepSpeed engine)": run_kiln(cfg, batches, 1e-3),
+             "kiln, train.compile=true": run_kiln(cfg, batches, 1e-3, compile_blocks=True)}
     results = dict.fromkeys(loops)
     results.update(time_interleaved({k: v for k, v in loops.items() if v is not None}, batches))
 
@@ -191,8 +195,11 @@ def main():
         print(f"{name:<26}{sec:>9.3f}{tokens / sec:>11,.0f}{100 * flops / sec / peak:>7.1f}%")
     k = results["kiln (DeepSpeed engine)"]
     print(f"kiln / eager tokens/s: {results['eager PyTorch'] / k:.2f}x (goal >= 1.0)")
+    kc = results["kiln, train.compile=true"]
+    print(f"kiln compiled / eager: {results['eager PyTorch'] / kc:.2f}x")
     if results["HF LlamaForCausalLM"]:
         print(f"kiln / HF tokens/s:    {results['HF LlamaForCausalLM'] / k:.2f}x (goal >= 1.2)")
+        print(f"kiln compiled / HF:    {results['HF LlamaForCausalLM'] / kc:.2f}x (goal >= 1.2)")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,9 @@ def _check_combination(r: Recipe) -> None:
         if r.data.seq_len % (2 * r.parallel.sp):
             raise ConfigError(f"data.seq_len ({r.data.seq_len}) must be divisible by 2 * parallel.sp "
                               f"= {2 * r.parallel.sp} for the zigzag layout")
+    if r.train.compile and (r.parallel.sp > 1 or r.model.mlp != "swiglu" or r.data.packing != "concat"):
+        raise ConfigError("train.compile supports dense models (model.mlp=swiglu) with concat packing "
+                          "and parallel.sp=1 for now: set train.compile=false")
     if r.parallel.ep > 1:
         if r.model.mlp != "moe":
             raise ConfigError(f"parallel.ep={r.parallel.ep} shards MoE experts: set model.mlp=moe "

@@ -78,6 +78,8 @@ def train(recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> None:
     saved = resume_placement(run_dir, recipe.parallel.ep) if resume else None
     moe = MoERun.setup(recipe, model, mesh, run_dir, bf16, saved)
     vsl = DecomposeRun.setup(recipe, model, model_cfg, mesh, data_dir)  # data.packing=decompose
+    if recipe.train.compile:
+        model.compile_blocks()
     objective = build_objective(recipe.objective.name, model, recipe.objective,
                                 vsl.loss_group if vsl else sp_group).to(device)
     engine = build_engine(objective, recipe, bf16)

@@ -143,6 +143,11 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
+    def compile_blocks(self) -> None:
+        """torch.compile every block in place, so its elementwise work fuses (first steps compile)."""
+        for layer in self.layers:
+            layer.compile()
+
     def forward(self, input_ids, position_ids=None, doc_ids=None):
         """Final hidden states [B, S, dim]. position_ids default to 0..S-1; doc_ids mask documents."""
         b, s = input_ids.shape

@@ -124,6 +124,9 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={
         "help": "auto = bf16 on GPU, fp32 on CPU", "choices": ["auto", "fp32", "bf16"]})
     threads: int = field(default=0, metadata={"help": "torch threads per rank; 0 = cores / local ranks"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile each transformer block (fuses norm/RoPE/SwiGLU elementwise work; "
+                "the first steps compile); dense models without sequence parallelism"})
     placement: str = field(default="contiguous", metadata={
         "help": "MoE expert placement: contiguous, auto (re-solve every placement_every steps) or a "
                 "placement.json path (kiln place)"})

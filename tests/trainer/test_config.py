@@ -79,6 +79,7 @@ def test_impossible_combinations(tmp_path):
     assert "data.seq_len (250) must be divisible by 2 * parallel.sp = 4" in msg
     assert "multiple of parallel.sp" in error_of(tmp_path, "parallel:\n  sp: 2\ntrain:\n  nproc: 3\n")
     assert "needs model.causal=true" in error_of(tmp_path, "model:\n  causal: false\n")
+    assert "train.compile supports dense" in error_of(tmp_path, "train: {compile: true}\nparallel: {sp: 2}\n")
     assert "train.steps must be >= 1" in error_of(tmp_path, "train:\n  steps: 0\n")
 
 
