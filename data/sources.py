@@ -5,6 +5,7 @@ or row index). The train/held-out split is a pure function of those keys, so it 
 between runs, machines or Python versions.
 """
 
+import abc
 import glob
 import hashlib
 import os
@@ -23,7 +24,7 @@ _KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parque
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
-class Corpus:
+class Corpus(abc.ABC):
     """Ordered documents: `keys[i]` names document i, `texts(indices)` yields their text."""
 
     name: str
@@ -32,9 +33,9 @@ class Corpus:
     def __len__(self) -> int:
         return len(self.keys)
 
+    @abc.abstractmethod
     def texts(self, indices: Sequence[int]) -> Iterator[str]:
         """Yield the text of each document in `indices` (ascending), in that order."""
-        raise NotImplementedError
 
 
 class StdlibCorpus(Corpus):
