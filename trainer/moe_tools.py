@@ -61,7 +61,7 @@ def _checkpoint_dir(path: Path) -> tuple[Path, Path]:
     tag = latest_tag(path)
     if tag is None:
         raise ConfigError(f"{path} is neither a run directory with checkpoints nor a checkpoint "
-                          "directory (step_XXXXXXXX): pass e.g. runs/moe_tiny")
+                          "directory (e.g. checkpoints/step_00000100): pass e.g. runs/moe_tiny")
     return path, ckpt_root(path) / tag
 
 
