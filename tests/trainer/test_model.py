@@ -27,7 +27,7 @@ def test_shapes_and_gqa_params():
     h = m(x)
     assert h.shape == (3, 11, 32)
     assert m.logits(h).shape == (3, 11, 97)
-    assert m.layers[0].attn.wk.weight.shape == (2 * 8, 32)  # 2 kv heads of dim 8
+    assert m.layers[0].attn.k_weight().shape == (2 * 8, 32)  # 2 kv heads of dim 8
     n = sum(p.numel() for p in m.parameters())
     norms = 32 * (2 * 2 + 1)
     assert n == matmul_params(cfg) + 97 * 32 + norms  # + embedding + norm gains
@@ -80,7 +80,7 @@ def test_tied_embeddings_share_storage_and_train():
 def test_scaled_residual_init():
     cfg = tiny(n_layers=8, dim=256, n_heads=4, n_kv_heads=4, vocab_size=512)
     m = Transformer(cfg)
-    std_in = m.layers[0].attn.wq.weight.std().item()
+    std_in = m.layers[0].attn.q_weight().std().item()
     std_out = m.layers[0].attn.wo.weight.std().item()
     assert abs(std_in - 0.02) < 0.002
     assert abs(std_out - 0.02 / math.sqrt(16)) < 0.0005
