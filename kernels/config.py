@@ -10,9 +10,10 @@ class KernelsConfig:
         "help": "auto = Triton on CUDA tensors and torch on CPU; triton forces Triton "
                 "(on CPU only under TRITON_INTERPRET=1); torch forces the torch references",
         "choices": ["auto", "triton", "torch"]})
-    ce_chunk_tokens: int = field(default=2048, metadata={
-        "help": "tokens per chunk in the fused linear + cross-entropy (never the full logits)"})
+    ce_chunk_tokens: int = field(default=0, metadata={
+        "help": "tokens per chunk in the fused linear + cross-entropy (never the full logits); "
+                "0 = auto: 2048 on GPU, on CPU at most 16 MiB of fp32 logits per chunk"})
 
     def validate(self):
-        if self.ce_chunk_tokens < 1:
-            raise ValueError(f"kernels.ce_chunk_tokens must be >= 1 (got {self.ce_chunk_tokens})")
+        if self.ce_chunk_tokens < 0:
+            raise ValueError(f"kernels.ce_chunk_tokens must be >= 0 (0 = auto; got {self.ce_chunk_tokens})")

@@ -27,7 +27,8 @@ def torch_chunk(h, w, y, ignore_index, z_loss, dh_out, dw_acc):
     # d(per_tok)/d(logits) = softmax * (1 + 2 z lse) - onehot(target), zero on ignored rows
     p.mul_(((1.0 + 2.0 * z_loss * lse) / sumexp)[:, None])
     p[torch.arange(len(y), device=y.device), tgt] -= 1.0
-    p.mul_(valid[:, None].to(p.dtype))
+    if not bool(valid.all()):  # a pass over the whole chunk, only needed when labels are ignored
+        p.mul_(valid[:, None].to(p.dtype))
     accumulate_grads(p.to(h.dtype), h, w, dh_out, dw_acc)
     return loss
 

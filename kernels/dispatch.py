@@ -6,7 +6,7 @@ between them globally (`kernels.use` in the recipe); `auto` means Triton for CUD
 import os
 
 _IMPLS: dict[str, dict[str, object]] = {}
-_STATE = {"use": "auto", "ce_chunk_tokens": 2048}
+_STATE = {"use": "auto", "ce_chunk_tokens": 0}
 
 
 def register(name: str, backend: str, fn) -> None:

@@ -88,4 +88,17 @@ def test_bad_choice_is_rejected():
     with pytest.raises(ValueError, match="auto, triton or torch"):
         dispatch.configure("cuda")
     with pytest.raises(ValueError, match="ce_chunk_tokens"):
-        KernelsConfig(ce_chunk_tokens=0).validate()
+        KernelsConfig(ce_chunk_tokens=-1).validate()
+    KernelsConfig(ce_chunk_tokens=0).validate()  # 0 = auto
+
+
+def test_ce_chunk_auto_keeps_cpu_chunks_within_16_mib():
+    from kiln.kernels import ce_chunk_auto
+    cpu = torch.device("cpu")
+    assert ce_chunk_auto(4096, cpu) == 1024  # 1024 x 4096 x 4 B = 16 MiB
+    assert ce_chunk_auto(32000, cpu) == 128
+    assert ce_chunk_auto(97, cpu) == 2048 and ce_chunk_auto(10**6, cpu) == 64  # clamped
+    assert ce_chunk_auto(4096, torch.device("cuda")) == 2048
+    for v in (1000, 4096, 32000, 50257):
+        c = ce_chunk_auto(v, cpu)
+        assert c & (c - 1) == 0 and (c * v * 4 <= 16 << 20 or c == 64)
