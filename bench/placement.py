@@ -23,9 +23,11 @@ from kiln.parallel.placement import (CostModel, PlacementError, RoutingProfile, 
                                      synthetic_profile)
 
 # ilp = MoETuner's two stages; +align = kiln's traffic-aware re-clustering; eq = equal expert
-# counts per rank and layer (max_per_rank_layer = E/R), which frees stage 2 and the alignment.
+# counts per rank and layer (max_per_rank_layer = E/R), which frees stage 2 and the alignment;
+# +refine = kiln's stage 3 (expert moves + joint MIP under the balance floor --min-balance).
 ROWS = [("contiguous", "contiguous", {}), ("round_robin", "round_robin", {}),
         ("greedy_lpt", "greedy_lpt", {}), ("ilp", "ilp", {"align": False}),
+        ("ilp+refine", "ilp", {"refine": True}),
         ("ilp+align", "ilp", {"align": True}), ("ilp eq+align", "ilp", {"align": True, "eq": True})]
 
 
@@ -50,7 +52,9 @@ def main(argv=None):
     ap.add_argument("--time-limit", type=float, default=60.0, help="ILP budget in seconds")
     ap.add_argument("--gap", type=float, default=0.025, help="ILP stage-1 target gap")
     ap.add_argument("--max-pair-weight", type=float, default=8.0)
-    ap.add_argument("--quick", action="store_true", help="only the baselines and the plain ilp")
+    ap.add_argument("--min-balance", type=float, default=0.95,
+                    help="ilp+refine: each layer keeps balancedness >= min(this, its ILP value)")
+    ap.add_argument("--quick", action="store_true", help="only the baselines, ilp and ilp+refine")
     ap.add_argument("--out", help="write the ILP placement.json of the last topology here")
     a = ap.parse_args(argv)
     if a.run:
@@ -72,7 +76,7 @@ def main(argv=None):
     print(f"cost model: hidden {cost.hidden}, ffn {cost.ffn_hidden}, {cost.flops_per_s / 1e12:.0f} "
           f"TFLOP/s, intra {cost.intra_bw / 1e9:.0f} GB/s, inter {cost.inter_bw / 1e9:.0f} GB/s")
     rows = [r for r in ROWS if not (a.quick and "align" in r[0])]
-    last, one_node = None, {}
+    last, one_node, ilp_x = None, {}, None
     for nodes in (1, 2):
         topo = Topology(a.ranks, nodes)
         print(f"\n== {a.ranks} ranks on {nodes} node{'s' if nodes > 1 else ''}")
@@ -85,6 +89,8 @@ def main(argv=None):
             kw = dict(kw)
             cap = -(-prof.experts // a.ranks) if kw.pop("eq", False) else None
             try:
+                if kw.get("refine"):
+                    kw["min_balance"] = a.min_balance
                 r = place(prof, strategy, topo, cost, time_limit=a.time_limit, mip_rel_gap=a.gap,
                           max_per_rank_layer=cap, seed=a.seed, **kw)
             except PlacementError as e:
@@ -108,8 +114,21 @@ def main(argv=None):
                       f"{s1['time_s']:.1f}s; stage 2: {s2['objective_s'] * 1e3:.2f} ms "
                       f"(chain start {s2['forward_chain_s'] * 1e3:.2f}, {s2['moves']} moves), "
                       f"{s2['time_s']:.1f}s")
+                s3 = r.solver.get("stage3")
+                if s3:
+                    j = s3["joint"] or {}
+                    rel = s3["bound"] / s3["traffic_before"] if s3["bound"] is not None else None
+                    bound = "n/a" if rel is None else (
+                        f"x-rank >= {rel * ilp_x:.3f}" if nodes == 1 else
+                        f"traffic >= {rel:.3f} x the ilp's (link-weighted)")
+                    print(f"{'':<12} stage 3: x-rank {ilp_x:.3f} -> "
+                          f"{m['cross_rank_fraction']:.3f} ({1 - m['cross_rank_fraction'] / base['cross_rank_fraction']:.1%} "
+                          f"below contiguous), {s3['local_moves']} local moves"
+                          f"{'' if s3['local_converged'] else ' (timed out)'}, joint MIP "
+                          f"{j.get('status', 'off')}; bound under the same balance floor: {bound}, "
+                          f"{s3['time_s']:.1f}s")
                 if name == "ilp":
-                    last = r
+                    last, ilp_x = r, m["cross_rank_fraction"]
     print("\nspeedup = contiguous step time / step time; a2a cost = stage-2 all-to-all cost "
           "(traffic/bandwidth + weighted max rank pair) relative to contiguous.")
     if a.a2a and one_node:

@@ -16,6 +16,10 @@ Strategies:
                     ``align=True`` adds kiln's traffic-aware re-clustering within the gap slack;
                     ``max_per_rank_layer=E/R`` forces equal expert counts per rank and layer,
                     which gives up some balance but leaves stage 2 free to keep traffic local.
+                    ``refine=True`` adds kiln's stage 3 (``placement_refine``): single-expert
+                    moves and swaps, then a joint MIP on small models, that cut the cross-rank
+                    traffic while every layer keeps balancedness >= min(min_balance, its ILP
+                    value); never worse than the plain ILP's traffic.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from kiln.parallel.placement_io import (PlacementError, PlacementResult, Routing
                                         check_placement, synthetic_profile)
 from kiln.parallel.placement_metrics import (CostModel, PlacementMetrics, Topology,
                                              balance_objective, chain_objective, evaluate)
+from kiln.parallel.placement_refine import refine as refine_traffic
 
 STRATEGIES = ("contiguous", "round_robin", "greedy_lpt", "ilp")
 
@@ -54,14 +59,18 @@ class PlacementConfig:
         "help": "most experts of one layer on one rank (0 = no cap)"})
     align: bool = field(default=False, metadata={
         "help": "ILP: re-cluster within the gap slack to keep traffic inside slots (kiln's addition)"})
+    refine: bool = field(default=False, metadata={
+        "help": "ILP: stage 3 moves experts to cut cross-rank traffic under the balance floor"})
+    min_balance: float = field(default=0.95, metadata={
+        "help": "stage 3 keeps each layer's balancedness >= min(this, its ILP value)"})
 
     def validate(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"placement.strategy={self.strategy!r} is unknown; use one of {STRATEGIES}")
         if self.nodes < 1 or self.time_limit_s <= 0 or not (0 <= self.mip_rel_gap < 1) \
-                or self.max_per_rank_layer < 0:
+                or self.max_per_rank_layer < 0 or not (0 <= self.min_balance <= 1):
             raise ValueError("placement needs nodes >= 1, time_limit_s > 0, 0 <= mip_rel_gap < 1 "
-                             "and max_per_rank_layer >= 0; fix the placement section")
+                             "max_per_rank_layer >= 0 and 0 <= min_balance <= 1; fix the placement section")
 
 
 def contiguous(L: int, E: int, R: int) -> np.ndarray:
@@ -97,34 +106,45 @@ def greedy_lpt(load: np.ndarray, R: int) -> np.ndarray:
 
 def solve_ilp(profile: RoutingProfile, topo: Topology, cost: CostModel,
               max_per_rank_layer: int | None = None, time_limit: float = 60.0,
-              mip_rel_gap: float = 0.025, align: bool = False, seed: int = 0):
-    """Two-stage MoETuner ILP; returns (placement [L, E], solver info dict).
+              mip_rel_gap: float = 0.025, align: bool = False, seed: int = 0,
+              refine: bool = False, min_balance: float = 0.95):
+    """Two-stage MoETuner ILP (+ kiln's stage 3 when ``refine``); returns (placement, info).
 
     ``info['gap']`` is stage 1's relative gap to the sum of per-layer HiGHS bounds (a valid bound
-    of the memory-coupled problem); stage 2's result and a (loose) bound are in info['stage2'].
+    of the memory-coupled problem); stage 2's result and a (loose) bound are in info['stage2'];
+    stage 3's traffic before/after and, where its joint MIP ran, a lower bound on the traffic of
+    any placement under the same balance floor are in info['stage3'].
     """
     L, E, R = profile.layers, profile.experts, topo.ranks
     check_feasible(L, E, R, max_per_rank_layer)
     cap = min(max_per_rank_layer or E, E - R + 1)
     t0 = time.perf_counter()
+    reserve = 0.5 * time_limit if refine else 0.0     # stage 3's share of the budget
     # Stage 2 is cheap (many R x R assignments); most of the budget goes to the stage-1 MIPs.
     slots, s1 = stage1_clusters(profile.load, profile.transitions if align else None, R, cap,
-                                0.85 * time_limit, mip_rel_gap, seed=seed)
+                                0.85 * (time_limit - reserve), mip_rel_gap, seed=seed)
     link = cost.link_s_per_pair(topo, profile.top_k)
     sigma, s2 = stage2_chain(slots, profile.transitions, R, link, cost.max_pair_weight,
-                             topo.node_of(), max(time_limit - (time.perf_counter() - t0), 0.5))
-    info = {"gap": s1["gap"], "solve_time_s": time.perf_counter() - t0, "time_limit_s": time_limit,
-            "mip_rel_gap": mip_rel_gap, "align": align, "stage1": s1, "stage2": s2}
-    return sigma_to_placement(slots, sigma), info
+                             topo.node_of(),
+                             max(time_limit - reserve - (time.perf_counter() - t0), 0.5))
+    p = sigma_to_placement(slots, sigma)
+    info = {"gap": s1["gap"], "time_limit_s": time_limit, "mip_rel_gap": mip_rel_gap,
+            "align": align, "refine": refine, "stage1": s1, "stage2": s2}
+    if refine:
+        p, info["stage3"] = refine_traffic(profile.load, profile.transitions, p, link,
+                                           topo.node_of(), R, cap, min_balance,
+                                           max(time_limit - (time.perf_counter() - t0), 0.5))
+    info["solve_time_s"] = time.perf_counter() - t0
+    return p, info
 
 
 def place(profile: RoutingProfile, strategy: str = "ilp", topo: Topology | None = None,
           cost: CostModel | None = None, *, max_per_rank_layer: int | None = None,
           time_limit: float = 60.0, mip_rel_gap: float = 0.025, align: bool = False,
-          seed: int = 0) -> PlacementResult:
+          seed: int = 0, refine: bool = False, min_balance: float = 0.95) -> PlacementResult:
     """Place the experts of ``profile`` on ``topo.ranks`` ranks with ``strategy``.
 
-    ``time_limit`` (s), ``mip_rel_gap`` and ``align`` apply to ``ilp``; it returns the best feasible
+    ``time_limit`` (s), ``mip_rel_gap``, ``align``, ``refine`` and ``min_balance`` apply to ``ilp``; it returns the best feasible
     placement found in time, with the stage-1 gap in ``result.solver['gap']``. ``align=False`` is
     the paper's balance-only stage 1 (see ``placement_ilp``).
     Infeasible requests raise PlacementError with one line.
@@ -147,8 +167,10 @@ def place(profile: RoutingProfile, strategy: str = "ilp", topo: Topology | None 
         p = greedy_lpt(profile.load, R)
     else:
         check_feasible(L, E, R, max_per_rank_layer)
+        if not 0 <= min_balance <= 1:
+            raise PlacementError(f"min_balance must lie in [0, 1] (got {min_balance})")
         p, solver = solve_ilp(profile, topo, cost, max_per_rank_layer, time_limit, mip_rel_gap,
-                              align, seed)
+                              align, seed, refine, min_balance)
     p = check_placement(p, L, E, R, max_per_rank_layer, what=f"{strategy} placement")
     metrics = evaluate(profile, p, topo, cost).to_dict()
     metrics["balance_objective_tokens"] = balance_objective(profile, p, R)
