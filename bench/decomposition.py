@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/decomposition.py                    # ~10 min on 2 busy CPU cores
     .venv/bin/python bench/decomposition.py --steps 8 --eval-tokens 16384   # a quick look
+    .venv/bin/python bench/decomposition.py --loss-only --seed 1 --json s1.json   # held-out loss only
+    .venv/bin/python bench/decomposition.py --summarize s0.json s1.json s2.json   # mean +- std over seeds
 
 Both runs train the same seeded model on the embedded corpus (stdlib, BPE 4096) with the same
 optimizer, schedule and tokens per step:
@@ -10,6 +12,9 @@ optimizer, schedule and tokens per step:
   - decomposition: buckets 2^min..2^max, Grow-P2 over the run (kiln's BucketLoader), one
     document per row, plain causal attention.
 Steps of the two runs alternate, so load from other jobs on the machine hits both alike.
+`--seed S` seeds the model init (torch.manual_seed(S)) and both data orders (loader seed S + 1);
+the default S = 0 is the original single-seed run. `--loss-only` skips the no-mask timing steps
+(the held-out loss at equal tokens does not depend on timing); `--method` runs one side alone.
 
 Printed: attention FLOPs computed exactly from the length histograms (whole training split, and
 the steps actually run), measured wall-clock per token, and held-out loss at equal tokens on
@@ -94,6 +99,33 @@ def evaluate(model, prefix: str, seq_len: int, tokens: int) -> float:
     return sum(losses) / len(losses)
 
 
+def eval_breakdown(model, prefix: str, seq_len: int, tokens: int, lo: int) -> dict:
+    """Token-weighted held-out loss on the same windows as `evaluate`, split by target token:
+    `dropped` = tokens decomposition never trains on (each document's last len mod 2^lo tokens,
+    i.e. whole documents shorter than 2^lo and every tail below 2^lo), `kept` = all others."""
+    rows = max(1, min(8, tokens // seq_len, 16384 // seq_len))
+    loader = ChunkLoader(prefix, seq_len, rows, 0, 1, seed=0)
+    _, starts, ends = read_documents(prefix)
+    tail_from = ends - (ends - starts) % (1 << lo)  # first dropped token of every document
+    sums, counts = {"kept": 0.0, "dropped": 0.0}, {"kept": 0, "dropped": 0}
+    with torch.no_grad():
+        for j, b in enumerate(loader.eval_batches(max(1, tokens // (rows * seq_len)))):
+            first = (j * rows + np.arange(rows)) * seq_len       # unshuffled: sample i starts at i * L
+            target = first[:, None] + np.arange(1, seq_len + 1)  # global index of each label's token
+            doc = np.searchsorted(ends, target, side="right")
+            dropped = torch.from_numpy(target >= tail_from[np.minimum(doc, len(ends) - 1)])
+            hidden = model.eval()(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
+            for name, sel in (("kept", ~dropped), ("dropped", dropped)):
+                labels = torch.where(sel, b["labels"], torch.full_like(b["labels"], -100))
+                n = int((labels != -100).sum())
+                if n:
+                    sums[name] += float(model.head(hidden, labels=labels)) * n
+                    counts[name] += n
+    total = sum(counts.values())
+    return {"all": sum(sums.values()) / total, "dropped_share": counts["dropped"] / total,
+            **{k: sums[k] / counts[k] if counts[k] else float("nan") for k in sums}}
+
+
 def schedule_svg(panels, lo: int, hi: int, width: int = 760, height: int = 120) -> str:
     """A stacked scatter plot (SVG) of bucket per step, one panel per (title, buckets) pair,
     with the moving average of log2(length) over 1/40 of the steps as a line."""
@@ -140,16 +172,33 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--eval-tokens", type=int, default=65536)
+    ap.add_argument("--eval-short", type=int, default=256,
+                    help="length of the short held-out windows (fixed, so runs with other buckets compare)")
     ap.add_argument("--nomask-steps", type=int, default=8,
                     help="also time this many steps of concat without document masks (timing only)")
     ap.add_argument("--curriculum", default="grow_p2", choices=["grow_p2", "grow_linear", "natural"])
     ap.add_argument("--decompose-only", action="store_true",
-                    help="train the decomposition run alone (e.g. to compare curricula)")
+                    help="train the decomposition run alone (same as --method decompose)")
+    ap.add_argument("--method", default="both", choices=["both", "concat", "decompose"],
+                    help="which runs to train (one side alone: loss comparisons across invocations)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="model init seed; data order seed is seed + 1 (default 0: the original run)")
+    ap.add_argument("--loss-only", action="store_true",
+                    help="skip the no-mask timing steps: held-out loss only (timings still printed)")
+    ap.add_argument("--summarize", nargs="+", default=[],
+                    help="print mean +- std over seeds of these --json files and exit")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=".kiln-cache")
     ap.add_argument("--plot", default="", help="write the bucket-schedule SVG here")
     ap.add_argument("--json", default="", help="write the figures as JSON here")
     args = ap.parse_args()
+    if args.summarize:
+        summarize(args.summarize)
+        return
+    if args.decompose_only:
+        args.method = "decompose"
+    if args.loss_only:
+        args.nomask_steps = 0
     torch.set_num_threads(args.threads)
     lo, hi = args.buckets
     T, L = args.tokens_per_step, 1 << hi
@@ -158,16 +207,20 @@ def main() -> None:
                      buckets=[lo, hi], curriculum=args.curriculum, num_cycles=args.cycles, num_workers=2)
     p = prepare(cfg, progress=False)
     dec = Decomposed.load(bucket_dir(p.dir, cfg.buckets, cfg.decompose_seed))
-    base_loader = ChunkLoader(p.train_prefix, L, T // L, 0, 1, seed=1)
-    vsl_loader = build_bucket_loader(cfg, dec, "train", T, 0, 1, seed=1, horizon=args.steps)
+    base_loader = ChunkLoader(p.train_prefix, L, T // L, 0, 1, seed=args.seed + 1)
+    vsl_loader = build_bucket_loader(cfg, dec, "train", T, 0, 1, seed=args.seed + 1, horizon=args.steps)
 
     mcfg = ModelConfig(vocab_size=-(-p.vocab_size // 64) * 64, dim=args.dim, n_layers=args.layers,
                        n_heads=args.heads)
-    torch.manual_seed(0)
-    models = {"decompose": Transformer(mcfg)}
-    if not args.decompose_only:
-        models["concat"] = copy.deepcopy(models["decompose"])
-        models["nomask"] = copy.deepcopy(models["decompose"])  # timing only: cross-document attention
+    torch.manual_seed(args.seed)
+    init = Transformer(mcfg)
+    models = {}
+    if args.method in ("both", "concat"):
+        models["concat"] = copy.deepcopy(init)
+        if args.nomask_steps > 0:
+            models["nomask"] = copy.deepcopy(init)  # timing only: cross-document attention
+    if args.method in ("both", "decompose"):
+        models["decompose"] = init
     runs = {name: new_run(model, args) for name, model in models.items()}
     per_bucket: dict[int, list[float]] = {}
     for step in range(args.steps):
@@ -212,9 +265,12 @@ def main() -> None:
                      "attn_flops": attention_flops(mcfg, r["pairs"]),
                      "matmul_flops": 6 * matmul_params(mcfg) * tokens,
                      "final_train_loss": statistics.mean(r["losses"][-4:]),
-                     "eval_short": evaluate(models[name], p.valid_prefix, 1 << lo, args.eval_tokens),
-                     "eval_long": evaluate(models[name], p.valid_prefix, L, args.eval_tokens)}
-    res["decompose"]["tokens_per_s_by_bucket"] = {1 << k: (T * len(v)) / sum(v) for k, v in sorted(per_bucket.items())}
+                     "eval_short": evaluate(models[name], p.valid_prefix, args.eval_short, args.eval_tokens),
+                     "eval_long": evaluate(models[name], p.valid_prefix, L, args.eval_tokens),
+                     "breakdown_short": eval_breakdown(models[name], p.valid_prefix, args.eval_short, args.eval_tokens, lo),
+                     "breakdown_long": eval_breakdown(models[name], p.valid_prefix, L, args.eval_tokens, lo)}
+    if "decompose" in res:
+        res["decompose"]["tokens_per_s_by_bucket"] = {1 << k: (T * len(v)) / sum(v) for k, v in sorted(per_bucket.items())}
     report(res, p, args)
     if args.json:
         with open(args.json, "w") as f:
@@ -234,7 +290,7 @@ def new_run(model, args) -> dict:
 def report(res: dict, p, args) -> None:
     """Print the figures (ratios only when the concat baseline ran)."""
     lo, hi = args.buckets
-    L, hist, d, c = 1 << hi, res["histogram"], res["decompose"], res.get("concat")
+    L, hist, d, c = 1 << hi, res["histogram"], res.get("decompose"), res.get("concat")
     print(f"\ncorpus: stdlib, {p.train_tokens:,} train tokens; buckets 2^{lo}..2^{hi}; model dim {args.dim} x "
           f"{args.layers} layers x {args.heads} heads; {args.steps} steps x {args.tokens_per_step:,} tokens = "
           f"{res['tokens']:,} tokens per run; curriculum {args.curriculum}, {args.cycles} cycles")
@@ -243,18 +299,18 @@ def report(res: dict, p, args) -> None:
           f"(within documents {hist['concat_doc_pairs_per_token']:.0f}), decompose "
           f"{hist['decompose_pairs_per_token']:.0f} -> ratio "
           f"{hist['concat_pairs_per_token'] / hist['decompose_pairs_per_token']:.2f}x")
-    if c:
+    if c and d:
         print(f"attention FLOPs, steps run: concat {c['attn_flops']:.3e}, decompose {d['attn_flops']:.3e} -> "
               f"{c['attn_flops'] / d['attn_flops']:.2f}x; total (with matmuls {c['matmul_flops']:.3e}) "
               f"{(c['attn_flops'] + c['matmul_flops']) / (d['attn_flops'] + d['matmul_flops']):.2f}x")
     print(f"{'':>10} {'ms/1k tok':>10} {'median step s':>14} {'train loss':>11} "
-          f"{'eval@' + str(1 << lo):>10} {'eval@' + str(L):>10}")
+          f"{'eval@' + str(args.eval_short):>10} {'eval@' + str(L):>10}")
     for name in ("concat", "decompose"):
         if name in res:
             r = res[name]
             print(f"{name:>10} {1e6 * r['s_per_token']:>10.1f} {r['median_step_s']:>14.2f} "
                   f"{r['final_train_loss']:>11.3f} {r['eval_short']:>10.3f} {r['eval_long']:>10.3f}")
-    if c:
+    if c and d:
         print(f"wall-clock per token: decomposition {c['s_per_token'] / d['s_per_token']:.2f}x faster "
               f"(goal >= 1.5x); held-out loss delta (decompose - concat): short "
               f"{d['eval_short'] - c['eval_short']:+.3f}, long {d['eval_long'] - c['eval_long']:+.3f} (goal <= 0)")
@@ -262,8 +318,39 @@ def report(res: dict, p, args) -> None:
         print(f"concat without document masks (cross-document attention, timing only, first "
               f"{res['nomask_steps']} steps): {1e6 * res['nomask_s_per_token']:.1f} ms/1k tok vs concat with "
               f"masks {1e6 * res['concat_first_steps_s_per_token']:.1f} over the same steps")
-    print("decompose tokens/s by bucket: " + ", ".join(
-        f"{k}: {v:,.0f}" for k, v in d["tokens_per_s_by_bucket"].items()))
+    if d:
+        print("decompose tokens/s by bucket: " + ", ".join(
+            f"{k}: {v:,.0f}" for k, v in d["tokens_per_s_by_bucket"].items()))
+
+
+def summarize(paths) -> None:
+    """Held-out losses of several --json runs (one per seed): per run, then mean +- std per method."""
+    rows: dict[str, list] = {}
+    for path in paths:
+        with open(path) as f:
+            res = json.load(f)
+        a = res["args"]
+        for name in ("concat", "decompose"):
+            if name in res:
+                key = name if name == "concat" else (f"decompose {a['curriculum']} c{a['cycles']} "
+                                                     f"b{a['buckets'][0]}-{a['buckets'][1]}")
+                key += f" {a['steps']}x{a['tokens_per_step']}"
+                r = res[name]
+                rows.setdefault(key, []).append((a["seed"], r["eval_short"], r["eval_long"]))
+                print(f"{path}: {key} seed {a['seed']}: eval short {r['eval_short']:.4f} long {r['eval_long']:.4f}")
+    def sd(x):
+        return x.std(ddof=1) if len(x) > 1 else float("nan")
+
+    for key, v in rows.items():
+        sh, lg = np.array([x[1] for x in v]), np.array([x[2] for x in v])
+        print(f"{key:>44}: n={len(v)} short {sh.mean():.4f} +- {sd(sh):.4f}  long {lg.mean():.4f} +- {sd(lg):.4f}")
+    for key, v in rows.items():  # decompose - concat at the same seed and steps (same model init)
+        base = {x[0]: x for x in rows.get("concat " + key.rsplit(" ", 1)[1], [])}
+        if key.startswith("decompose") and base:
+            ds = np.array([(x[1] - base[x[0]][1], x[2] - base[x[0]][2]) for x in v if x[0] in base])
+            if len(ds):
+                print(f"{key:>44}: delta vs concat over {len(ds)} seeds: short {ds[:, 0].mean():+.4f} +- "
+                      f"{sd(ds[:, 0]):.4f}  long {ds[:, 1].mean():+.4f} +- {sd(ds[:, 1]):.4f}")
 
 
 def write_plot(path: str, cfg: DataConfig, dec, run_loader, args, tokens: int = 16384) -> None:
