@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="routing profile .npz (default: RUN_DIR/profiles/routing_latest.npz)")
     p.add_argument("--strategy", default="ilp", choices=["ilp", "greedy_lpt", "round_robin", "contiguous"],
                    help="placement strategy (default ilp)")
+    p.add_argument("--refine", action="store_true",
+                   help="ilp: add kiln's stage 3, which cuts cross-rank traffic under a balance floor")
+    p.add_argument("--min-balance", type=float, default=0.95,
+                   help="with --refine: each layer keeps balancedness >= min(this, its ILP value)")
     g = sub.add_parser("profile-routing", help="profile MoE routing of a checkpoint on held-out data",
                        description="Route held-out batches through a checkpoint and save the per-layer "
                                    "expert loads and transition matrices under RUN_DIR/profiles/.")
@@ -147,10 +151,12 @@ def cmd_report(args) -> int:
 def cmd_place(args) -> int:
     from kiln.trainer.moe_tools import format_place, place_run
 
-    if (args.ranks is not None and args.ranks < 2) or args.nodes < 1 or args.time_limit <= 0:
-        raise ConfigError("kiln place needs --ranks >= 2, --nodes >= 1 and --time-limit > 0")
+    if (args.ranks is not None and args.ranks < 2) or args.nodes < 1 or args.time_limit <= 0 \
+            or not 0 <= args.min_balance <= 1:
+        raise ConfigError("kiln place needs --ranks >= 2, --nodes >= 1, --time-limit > 0 "
+                          "and 0 <= --min-balance <= 1")
     res, base, out = place_run(args.run_dir, args.ranks, args.nodes, args.time_limit, args.profile,
-                               args.strategy)
+                               args.strategy, args.refine, args.min_balance)
     print(format_place(res, base, out))
     return 0
 

@@ -29,7 +29,8 @@ def _run_recipe(run_dir: Path):
 
 
 def place_run(run_dir, ranks: int | None = None, nodes: int = 1, time_limit: float = 60.0,
-              profile: str | None = None, strategy: str = "ilp"):
+              profile: str | None = None, strategy: str = "ilp", refine: bool = False,
+              min_balance: float = 0.95):
     """Solve the placement for `run_dir`'s latest routing profile; write run_dir/placement.json.
     Returns (PlacementResult, contiguous metrics dict, path)."""
     run_dir = Path(run_dir)
@@ -46,7 +47,7 @@ def place_run(run_dir, ranks: int | None = None, nodes: int = 1, time_limit: flo
     prof = RoutingProfile.load(str(path))
     topo = Topology(ranks=ranks, nodes=nodes)
     cost = cost_model(recipe.model, bf16=recipe.train.precision != "fp32")
-    res = place(prof, strategy, topo, cost, time_limit=time_limit)
+    res = place(prof, strategy, topo, cost, time_limit=time_limit, refine=refine, min_balance=min_balance)
     base = evaluate(prof, contiguous_placement(prof.layers, prof.experts, ranks), topo, cost).to_dict()
     res.solver = {**res.solver, "profile": str(path)}
     out = run_dir / "placement.json"

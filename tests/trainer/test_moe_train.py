@@ -37,6 +37,13 @@ def test_train_place_resume_profile(small_recipe, tmp_path):
     p = np.array(doc["placement"])
     assert p.shape == (2, 4) and sorted(np.bincount(p.ravel()).tolist()) == [4, 4]
     assert "balancedness" in res.stdout and "cross-rank fraction" in res.stdout
+    kiln("place", run, "--time-limit", "10", "--refine", "--min-balance", "0.9")
+    refined = json.loads((run / "placement.json").read_text())
+    s3 = refined["solver"]["stage3"]  # stage 3 ran, kept the constraints, and never added traffic
+    assert refined["solver"]["refine"] and s3["traffic_after"] <= s3["traffic_before"] + 1e-12
+    q = np.array(refined["placement"])
+    assert q.shape == (2, 4) and sorted(np.bincount(q.ravel()).tolist()) == [4, 4]
+    (run / "placement.json").write_text(json.dumps(doc))  # the rest of the test uses the plain ILP's
     if (p == np.array([[0, 0, 1, 1], [0, 0, 1, 1]])).all():  # make sure experts really move
         p = np.array([[1, 0, 1, 0], [0, 1, 1, 0]])
         doc["placement"] = p.tolist()
@@ -69,6 +76,8 @@ def test_user_errors_are_one_line(small_recipe, tmp_path):
     res = kiln("place", tmp_path, check=False)
     assert res.returncode == 2 and "not a kiln run directory" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+    res = kiln("place", tmp_path, "--refine", "--min-balance", "1.5", check=False)
+    assert res.returncode == 2 and "--min-balance" in res.stderr
     res = kiln("train", small_recipe, *MOE, "--set", "train.placement=nope.json", check=False)
     assert res.returncode == 2 and "train.placement" in res.stderr
     res = kiln("train", small_recipe, "--set", "parallel.ep=2", check=False)
