@@ -24,7 +24,6 @@ Strategies:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -38,39 +37,10 @@ from kiln.parallel.placement_refine import refine as refine_traffic
 
 STRATEGIES = ("contiguous", "round_robin", "greedy_lpt", "ilp")
 
-__all__ = ["STRATEGIES", "PlacementConfig", "PlacementError", "PlacementResult", "RoutingProfile",
+__all__ = ["STRATEGIES", "PlacementError", "PlacementResult", "RoutingProfile",
            "PlacementMetrics", "Topology", "CostModel", "place", "contiguous", "round_robin",
            "greedy_lpt", "check_placement", "evaluate", "synthetic_profile",
            "balance_objective", "chain_objective"]
-
-
-@dataclass
-class PlacementConfig:
-    """How expert placement is chosen (a recipe section may embed this)."""
-
-    strategy: str = field(default="ilp", metadata={
-        "help": "placement strategy", "choices": list(STRATEGIES)})
-    nodes: int = field(default=1, metadata={"help": "nodes the expert-parallel ranks span"})
-    time_limit_s: float = field(default=60.0, metadata={
-        "help": "ILP wall-clock budget; the best feasible placement found is returned with its gap"})
-    mip_rel_gap: float = field(default=0.025, metadata={
-        "help": "stop the stage-1 MIP once within this relative gap of optimal (MoETuner: 0.025)"})
-    max_per_rank_layer: int = field(default=0, metadata={
-        "help": "most experts of one layer on one rank (0 = no cap)"})
-    align: bool = field(default=False, metadata={
-        "help": "ILP: re-cluster within the gap slack to keep traffic inside slots (kiln's addition)"})
-    refine: bool = field(default=False, metadata={
-        "help": "ILP: stage 3 moves experts to cut cross-rank traffic under the balance floor"})
-    min_balance: float = field(default=0.95, metadata={
-        "help": "stage 3 keeps each layer's balancedness >= min(this, its ILP value)"})
-
-    def validate(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"placement.strategy={self.strategy!r} is unknown; use one of {STRATEGIES}")
-        if self.nodes < 1 or self.time_limit_s <= 0 or not (0 <= self.mip_rel_gap < 1) \
-                or self.max_per_rank_layer < 0 or not (0 <= self.min_balance <= 1):
-            raise ValueError("placement needs nodes >= 1, time_limit_s > 0, 0 <= mip_rel_gap < 1 "
-                             "max_per_rank_layer >= 0 and 0 <= min_balance <= 1; fix the placement section")
 
 
 def contiguous(L: int, E: int, R: int) -> np.ndarray:

@@ -5,8 +5,9 @@ Placement (`train.placement`):
   * contiguous / PATH (placement.json): applied on start; on resume the checkpoint is restored
     under the placement it was saved with and the experts then migrate to the requested one;
   * auto: start contiguous (or keep the saved placement on resume) and every
-    `train.placement_every` steps re-solve MoETuner's ILP from the latest routing profile and
-    migrate the experts (weights and optimizer state) in place.
+    `train.placement_every` steps re-solve MoETuner's ILP (plus kiln's stage 3 with
+    `train.placement_refine`) from the latest routing profile and migrate the experts (weights
+    and optimizer state) in place.
 Profiles: every `train.profile_every` steps the routing counts since the last profile are saved
 under <run>/profiles/ (and logged to W&B as heatmaps).
 """
@@ -107,11 +108,13 @@ class MoERun:
                 self._resolve(prof, engine, step)
 
     def _resolve(self, prof, engine, step: int) -> None:
-        """Rank 0 solves the ILP (time-limited), every rank migrates to the result."""
+        """Rank 0 solves the ILP (time-limited; stage 3 if asked), every rank migrates to the result."""
         box = [None]
         if dist.get_rank() == 0:
+            t = self.recipe.train
             res = place(prof, "ilp", Topology(ranks=self.ep), cost_model(self.recipe.model, self.bf16),
-                        time_limit=self.recipe.train.placement_time_limit)
+                        time_limit=t.placement_time_limit, refine=t.placement_refine,
+                        min_balance=t.placement_min_balance)
             res.to_json(str(self.run_dir / "placement_auto.json"))
             box = [res.placement]
         dist.broadcast_object_list(box, src=0)

@@ -134,6 +134,10 @@ class TrainConfig:
         "help": "with placement=auto: re-solve the ILP and migrate experts every this many steps"})
     placement_time_limit: float = field(default=10.0, metadata={
         "help": "seconds the ILP may take for placement=auto"})
+    placement_refine: bool = field(default=False, metadata={
+        "help": "with placement=auto: add kiln's stage 3 (cut cross-rank traffic under the balance floor)"})
+    placement_min_balance: float = field(default=0.95, metadata={
+        "help": "with placement_refine: each layer keeps balancedness >= min(this, its ILP value)"})
     profile_every: int = field(default=0, metadata={
         "help": "save a routing profile (counts since the last one) every this many steps, 0 = off"})
 
@@ -146,6 +150,8 @@ class TrainConfig:
         if min(self.placement_every, self.profile_every) < 0 or self.placement_time_limit <= 0:
             raise ValueError("train.placement_every and train.profile_every must be >= 0 and "
                              "train.placement_time_limit > 0")
+        if not 0 <= self.placement_min_balance <= 1:
+            raise ValueError(f"train.placement_min_balance must lie in [0, 1] (got {self.placement_min_balance})")
         if self.placement == "auto" and self.placement_every < 1:
             raise ValueError("train.placement=auto needs train.placement_every >= 1 (steps between re-solves)")
 

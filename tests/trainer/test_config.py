@@ -81,6 +81,8 @@ def test_impossible_combinations(tmp_path):
     assert "needs model.causal=true" in error_of(tmp_path, "model:\n  causal: false\n")
     assert "train.compile supports dense" in error_of(tmp_path, "train: {compile: true}\nparallel: {sp: 2}\n")
     assert "train.steps must be >= 1" in error_of(tmp_path, "train:\n  steps: 0\n")
+    assert "train.placement_min_balance must lie in [0, 1] (got 1.5)" in error_of(
+        tmp_path, "train:\n  placement_min_balance: 1.5\n")
 
 
 def test_bad_files(tmp_path):

@@ -58,11 +58,14 @@ def test_train_place_resume_profile(small_recipe, tmp_path):
     for step, value in ref.items():
         assert abs(got[step] - value) <= 1e-5 * abs(value), (step, got[step], value)
 
-    # auto: re-solve from the latest profile at step 4 and migrate in place, mid-run
+    # auto: re-solve (ILP + stage 3) from the latest profile at step 4 and migrate in place, mid-run
     auto = tmp_path / "runs" / "auto"
     kiln("train", small_recipe, *MOE, *steps, "--set", "train.name=auto", "--set", "train.placement=auto",
-         "--set", "train.placement_every=4", "--set", "train.placement_time_limit=5")
-    assert json.loads((auto / "placement_auto.json").read_text())["strategy"] == "ilp"
+         "--set", "train.placement_every=4", "--set", "train.placement_time_limit=5",
+         "--set", "train.placement_refine=true", "--set", "train.placement_min_balance=0.9")
+    solved = json.loads((auto / "placement_auto.json").read_text())
+    assert solved["strategy"] == "ilp" and solved["solver"]["refine"]
+    assert solved["solver"]["stage3"]["traffic_after"] <= solved["solver"]["stage3"]["traffic_before"] + 1e-12
     got = losses(auto)
     for step, value in ref.items():
         assert abs(got[step] - value) <= 1e-5 * abs(value), (step, got[step], value)
