@@ -13,13 +13,13 @@ from kiln.kernels.block_attention import attention_bwd as attention_bwd_ref
 from kiln.kernels.block_attention import attention_fwd as attention_fwd_ref
 from kiln.kernels.config import KernelsConfig
 from kiln.kernels.cross_entropy import linear_cross_entropy_ref
-from kiln.kernels.eager import attention_eager
+from kiln.kernels.eager import attention_eager, rms_norm_eager, rope_eager
 from kiln.kernels.moe import moe_permute_ref, moe_unpermute_ref
 from kiln.kernels.reference import attention_ref, rms_norm_ref, rope_cos_sin, rope_ref, swiglu_ref
 
-dispatch.register("rms_norm", "torch", rms_norm_ref)
+dispatch.register("rms_norm", "torch", rms_norm_eager)
 dispatch.register("swiglu", "torch", swiglu_ref)
-dispatch.register("rope", "torch", rope_ref)
+dispatch.register("rope", "torch", rope_eager)
 dispatch.register("attention", "torch", attention_eager)
 dispatch.register("attention_fwd", "torch", attention_fwd_ref)
 dispatch.register("attention_bwd", "torch", attention_bwd_ref)

@@ -1,10 +1,10 @@
-"""The eager torch path (kiln.kernels.eager) against the plain reference, forward and grads."""
+"""The eager torch path (kiln.kernels.eager) against the plain references, forward and grads."""
 import pytest
 import torch
 
 from kiln.kernels import dispatch
-from kiln.kernels.eager import attention_eager
-from kiln.kernels.reference import attention_ref
+from kiln.kernels.eager import attention_eager, rms_norm_eager, rope_eager
+from kiln.kernels.reference import attention_ref, rms_norm_ref, rope_cos_sin, rope_ref
 
 
 def _grads(fn, inputs, g):
@@ -45,5 +45,36 @@ def test_attention_with_documents_matches_reference(causal, dtype, tol):
           lambda a, b, c: attention_ref(a, b, c, causal=causal, doc_ids=doc), [q, k, v], dtype, tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_rms_norm_matches_reference(dtype, tol):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 40, generator=gen) * 3
+    w = torch.randn(40, generator=gen)
+    _same(lambda a, b: rms_norm_eager(a, b, 1e-5), lambda a, b: rms_norm_ref(a, b, 1e-5), [x, w], dtype, tol)
+
+
+def test_rms_norm_half_input_computes_in_fp32():
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(4, 64, generator=gen) * 5).bfloat16()
+    w = torch.randn(64, generator=gen).bfloat16()
+    got, want = rms_norm_eager(x, w, 1e-6), rms_norm_ref(x, w, 1e-6)
+    assert got.dtype == torch.bfloat16
+    # both compute in fp32 and round once: at most one bf16 ulp apart (2^-7 relative)
+    torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_rope_matches_reference(dtype, tol):
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 9, 5, 16, generator=gen)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8], [3, 4, 5, 0, 1, 2, 9, 10, 11]])
+    cos, sin = rope_cos_sin(pos, 16, 10000.0, torch.float64)
+    # a non-contiguous slice of heads, as the fused QKV projection hands it over
+    _same(lambda t: rope_eager(t[:, :, 1:4], cos.to(t.dtype), sin.to(t.dtype)),
+          lambda t: rope_ref(t[:, :, 1:4], cos, sin), [base], dtype, tol)
+
+
 def test_cpu_dispatch_takes_the_eager_path():
     assert dispatch.get("attention", torch.device("cpu")) is attention_eager
+    assert dispatch.get("rms_norm", torch.device("cpu")) is rms_norm_eager
+    assert dispatch.get("rope", torch.device("cpu")) is rope_eager
