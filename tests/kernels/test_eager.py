@@ -35,12 +35,21 @@ def test_attention_matches_reference(heads, kv, causal, dtype, tol):
           lambda a, b, c: attention_ref(a, b, c, causal=causal), [q, k, v], dtype, tol)
 
 
+DOCS = {  # every row split / none split (no mask needed) / a mix
+    "all_split": [[0] * 7 + [1] * 13, [0] * 12 + [1] * 8, [0] * 3 + [1] * 3 + [2] * 14],
+    "none_split": [[0] * 20, [3] * 20, [1] * 20],
+    "mixed": [[0] * 20, [0] * 12 + [1] * 8, [2] * 5 + [1] * 10 + [2] * 5],  # last: a, b, a again
+}
+
+
+@pytest.mark.parametrize("docs", list(DOCS))
+@pytest.mark.parametrize("heads,kv", [(4, 2), (2, 2)])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_attention_with_documents_matches_reference(causal, dtype, tol):
+def test_attention_with_documents_matches_reference(docs, heads, kv, causal, dtype, tol):
     gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(2, 20, h, 8, generator=gen) for h in (4, 2, 2))
-    doc = torch.tensor([[0] * 7 + [1] * 13, [0] * 12 + [1] * 8])
+    q, k, v = (torch.randn(3, 20, h, 8, generator=gen) for h in (heads, kv, kv))
+    doc = torch.tensor(DOCS[docs])
     _same(lambda a, b, c: attention_eager(a, b, c, causal=causal, doc_ids=doc),
           lambda a, b, c: attention_ref(a, b, c, causal=causal, doc_ids=doc), [q, k, v], dtype, tol)
 
