@@ -248,10 +248,22 @@ def _remove_stale_temps(cache: Path) -> None:
         try:
             pid = int(p.name[len(f".tmp-{host}-"):].split("-")[0])
             os.kill(pid, 0)
+            if _is_zombie(pid):
+                raise ProcessLookupError
         except ProcessLookupError:
             shutil.rmtree(p, ignore_errors=True)
         except (ValueError, PermissionError):
             pass
+
+
+def _is_zombie(pid: int) -> bool:
+    """A killed process that nobody reaped (containers whose pid 1 is no init) still answers
+    kill(pid, 0); /proc says it is a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def _finish(p: Prepared, cfg: DataConfig, progress: bool, repair: bool) -> Prepared:

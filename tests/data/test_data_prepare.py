@@ -131,6 +131,32 @@ def test_killed_process_leaves_nothing_trusted(small_cfg):
     assert_matches_reference(p, small_cfg)
 
 
+def test_sweep_removes_temps_of_unreaped_killed_processes(tmp_path):
+    """In a container whose pid 1 reaps nothing, a SIGKILLed prepare stays a zombie, which still
+    answers kill(pid, 0); its temp must be swept all the same, and a live process's kept."""
+    import socket
+    import time
+
+    from kiln.data.prepare import _remove_stale_temps
+
+    host = socket.gethostname()
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        child.send_signal(signal.SIGKILL)  # not waited on: a zombie until reaped below
+        stat = Path(f"/proc/{child.pid}/stat")
+        for _ in range(200):
+            if stat.read_text().rpartition(")")[2].split()[0] == "Z":
+                break
+            time.sleep(0.01)
+        os.kill(child.pid, 0)  # the zombie still answers
+        dead, live = tmp_path / f".tmp-{host}-{child.pid}-abc", tmp_path / f".tmp-{host}-{os.getpid()}-abc"
+        dead.mkdir(), live.mkdir()
+        _remove_stale_temps(tmp_path)
+        assert not dead.exists() and live.exists()
+    finally:
+        child.wait()
+
+
 def test_unfinished_or_damaged_cache_is_rebuilt(small_cfg):
     p = prepare(small_cfg, progress=False)
     (Path(p.dir) / "manifest.json").unlink()  # e.g. a folder copied half-way by hand
