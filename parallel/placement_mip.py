@@ -1,6 +1,8 @@
 """HiGHS MIP wrapper and a Hungarian assignment solver, shared by the placement ILP stages."""
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import highspy
@@ -31,8 +33,7 @@ def solve_mip(cost, lower, upper, integer, rows, cols, vals, row_lo, row_hi,
     lp.a_matrix_.value_ = vals.astype(float).tolist()
     lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
                        for i in integer]
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    h = _quiet_highs()
     h.setOptionValue("time_limit", float(max(time_limit, 0.01)))
     h.setOptionValue("mip_rel_gap", float(rel_gap))
     h.setOptionValue("mip_abs_gap", float(abs_gap))
@@ -56,6 +57,30 @@ def solve_mip(cost, lower, upper, integer, rows, cols, vals, row_lo, row_hi,
     bound = float(info.mip_dual_bound)
     return x, {"status": status, "objective": obj, "bound": bound, "gap": gap(obj, bound),
                "time_s": dt}
+
+
+def _quiet_highs():
+    """A silent Highs. HiGHS >= 1.16 prints a two-line banner on stdout when the first instance
+    of a process is built, before output_flag can be set; kiln's output (`kiln place`, training
+    logs) must not carry it, so fd 1 points at /dev/null for that one construction."""
+    global _BANNER_SEEN
+    if _BANNER_SEEN:
+        h = highspy.Highs()
+    else:
+        sys.stdout.flush()
+        saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 1)
+            h = highspy.Highs()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved), os.close(null)
+        _BANNER_SEEN = True
+    h.setOptionValue("output_flag", False)
+    return h
+
+
+_BANNER_SEEN = False
 
 
 def gap(obj: float, bound: float) -> float:

@@ -69,14 +69,17 @@ def test_ilp_respects_per_layer_cap():
     assert balance_objective(prof, r.placement, 2) == pytest.approx(brute_balance(prof, 2, cap=4))
 
 
-@pytest.mark.parametrize("L,E,R,nodes,seed", [(3, 4, 2, 1, 0), (3, 4, 4, 2, 1), (2, 8, 4, 2, 2),
-                                              (4, 4, 2, 1, 3), (3, 6, 3, 1, 0)])
-def test_local_search_stage2_matches_enumeration(L, E, R, nodes, seed):
-    # The chain + local search (exhaustive path off) on instances where it reaches the optimum;
-    # it is a local search, and a Latin square of cluster sizes can defeat it (see docs/moe.md).
+@pytest.mark.parametrize("L,E,R,nodes,seed,cap", [(3, 4, 2, 1, 0, 3), (3, 4, 4, 2, 1, 1),
+                                                  (2, 8, 4, 2, 2, 5), (4, 4, 2, 1, 3, 3),
+                                                  (3, 6, 3, 1, 0, 2), (3, 6, 3, 1, 1, 2)])
+def test_local_search_stage2_matches_enumeration(L, E, R, nodes, seed, cap):
+    # The chain + local search (exhaustive path off) on instances where it reaches the optimum.
+    # It is a local search: a Latin square of cluster sizes can trap it (next test), so the R=3
+    # cases cap clusters at E/R experts; with a looser cap, which Latin square stage 1 returns
+    # depends on HiGHS's tie-breaking (1.15 vs 1.16 differ) and so does whether it is reachable.
     prof = synthetic_profile(L=L, E=E, top_k=2, tokens=200, zipf_a=1.5, correlation=0.6, seed=seed)
     topo, cost = Topology(R, nodes), CostModel(max_pair_weight=8.0)
-    slots, _ = stage1_clusters(prof.load, prof.transitions, R, E - R + 1, 10.0, 0.0)
+    slots, _ = stage1_clusters(prof.load, prof.transitions, R, cap, 10.0, 0.0)
     sigma, info = stage2_chain(slots, prof.transitions, R, cost.link_s_per_pair(topo, 2),
                                cost.max_pair_weight, topo.node_of(), 10.0, exhaustive=False)
     p = sigma_to_placement(slots, sigma)
@@ -85,6 +88,25 @@ def test_local_search_stage2_matches_enumeration(L, E, R, nodes, seed):
     assert got == pytest.approx(info["objective_s"], rel=1e-9)
     assert got == pytest.approx(brute_chain(prof, p, topo, cost), rel=1e-9)
     assert info["bound_s"] <= got * (1 + 1e-9)
+
+
+def test_latin_square_of_cluster_sizes_traps_local_search_not_enumeration():
+    """Cluster sizes (1,2,3) / (3,1,2) / (2,3,1): memory balance allows no swap of two ranks over
+    any segment, so the local search keeps the forward chain; only the exact path (used whenever
+    (R!)^L <= EXHAUSTIVE_LIMIT) finds the better Latin square. Pinned here so the limit is known."""
+    prof = synthetic_profile(L=3, E=6, top_k=2, tokens=200, zipf_a=1.5, correlation=0.6, seed=0)
+    slots = np.array([[2, 1, 1, 0, 2, 2], [0, 1, 0, 0, 2, 2], [1, 0, 1, 2, 0, 1]])
+    topo, cost = Topology(3), CostModel(max_pair_weight=8.0)
+    args = (slots, prof.transitions, 3, cost.link_s_per_pair(topo, 2), cost.max_pair_weight,
+            topo.node_of(), 10.0)
+    best = brute_chain(prof, sigma_to_placement(slots, np.tile(np.arange(3), (3, 1))), topo, cost)
+    sigma, info = stage2_chain(*args, exhaustive=False)
+    got = chain_objective(prof, check_placement(sigma_to_placement(slots, sigma), 3, 6, 3), topo, cost)
+    assert info["moves"] == 0 and got == pytest.approx(info["forward_chain_s"], rel=1e-9)
+    assert got > best * 1.01   # trapped: measurably above the optimum
+    sigma, info = stage2_chain(*args, exhaustive=True)
+    assert info["exhaustive"]
+    assert chain_objective(prof, sigma_to_placement(slots, sigma), topo, cost) == pytest.approx(best, rel=1e-9)
 
 
 @pytest.mark.parametrize("weight,nodes", [(0.0, 1), (8.0, 1), (8.0, 2)])
@@ -155,3 +177,15 @@ def test_ilp_beats_baselines_on_skewed_correlated_profile():
     cross = {s: r.metrics["cross_rank_fraction"] for s, r in res.items()}
     assert eq.metrics["cross_rank_fraction"] < 0.5 * min(cross.values())
     assert eq.metrics["chain_cost_s"] < min(r.metrics["chain_cost_s"] for r in res.values())
+
+
+def test_solver_prints_nothing():
+    """HiGHS >= 1.16 prints a banner on stdout at its first instance; kiln keeps it out."""
+    import subprocess
+    import sys
+    code = ("from kiln.parallel.placement import place, synthetic_profile, Topology\n"
+            "place(synthetic_profile(L=2, E=4, top_k=1, tokens=100, seed=0), 'ilp', Topology(2), "
+            "time_limit=5)\nprint('done')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "done\n"
