@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from kiln.trainer.checkpoint import CheckpointError, check_compatible, latest_tag
-from kiln.trainer.config import ConfigError, from_dict, load_recipe, reference_markdown, to_dict, to_yaml
+from kiln.trainer.config import ConfigError, check_vocab, from_dict, load_recipe, reference_markdown, to_dict, to_yaml
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,6 +102,7 @@ def cmd_train(args) -> int:
     if launch.in_launched_world():
         return _train_in_world(recipe, run_dir)
     data = _prepare(recipe)
+    check_vocab(recipe.model.vocab_size, data.vocab_size)  # here, not in every rank's traceback
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
     print(f"kiln: run dir {run_dir}, {recipe.train.nproc} local ranks", flush=True)

@@ -26,6 +26,14 @@ class ConfigError(Exception):
     """A recipe or override the user must fix; the message is one line."""
 
 
+def check_vocab(model_vocab: int, tokenizer_vocab: int) -> None:
+    """model.vocab_size (0 = sized from the tokenizer) must hold every token id of the data."""
+    if 0 < model_vocab < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={model_vocab} is smaller than the tokenizer's "
+                          f"{tokenizer_vocab} tokens: set model.vocab_size to 0 (sized from the "
+                          f"tokenizer) or to at least {tokenizer_vocab}")
+
+
 @dataclass
 class Recipe:
     """A whole training recipe."""

@@ -13,7 +13,7 @@ from kiln.data.prepare import Prepared
 from kiln.parallel.mesh import build_mesh
 from kiln.parallel.sequence import apply_sequence_parallel, comm_metrics, shard_batch
 from kiln.trainer import checkpoint
-from kiln.trainer.config import to_dict
+from kiln.trainer.config import check_vocab, to_dict
 from kiln.trainer.decompose_run import DecomposeRun
 from kiln.trainer.engine import build_engine
 from kiln.trainer.model import Transformer, count_params, flops_per_token
@@ -43,10 +43,9 @@ def init_distributed(device: torch.device) -> None:
 def resolve_model(recipe, vocab: int):
     """The model config with vocab_size filled in from the tokenizer when it is 0."""
     m = recipe.model
+    check_vocab(m.vocab_size, vocab)
     if m.vocab_size == 0:
         m = dataclasses.replace(m, vocab_size=-(-vocab // 64) * 64)
-    elif m.vocab_size < vocab:
-        raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab}")
     return m
 
 

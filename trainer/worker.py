@@ -7,8 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from kiln.data.errors import DataError
 from kiln.trainer.checkpoint import CheckpointError
-from kiln.trainer.config import load_recipe
+from kiln.trainer.config import ConfigError, load_recipe
 
 
 def main(argv=None) -> int:
@@ -22,7 +23,7 @@ def main(argv=None) -> int:
 
     try:
         train(recipe, run_dir, Path(args.data_dir))
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError, DataError) as e:  # user errors: one line, no traceback
         print(f"kiln: error: {e}", file=sys.stderr)
         return 2
     return 0

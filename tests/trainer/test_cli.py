@@ -56,6 +56,12 @@ def test_unreadable_corpus_path(small_recipe):
                    "/no/such/corpus.txt")
 
 
+def test_model_vocab_smaller_than_tokenizer(small_recipe):
+    # caught by `kiln train` itself after preparing the data, before any rank starts
+    one_error_line(kiln("train", small_recipe, "--set", "model.vocab_size=100", check=False),
+                   "model.vocab_size=100", "512", "set model.vocab_size to 0")
+
+
 def test_report_on_non_run_dir(tmp_path):
     one_error_line(kiln("report", tmp_path, check=False), "metrics.jsonl")
 
