@@ -93,17 +93,32 @@ def load(engine, run_dir: Path, experts=None) -> dict | None:
     tag = latest_tag(run_dir)
     if tag is None:
         return None
-    path, client = engine.load_checkpoint(str(ckpt_root(run_dir)), tag=tag,
-                                          custom_load_fn=experts.load_module if experts else None)
-    if experts is not None and path is not None:
-        experts.load(ckpt_root(run_dir) / tag)
+    try:
+        path, client = engine.load_checkpoint(str(ckpt_root(run_dir)), tag=tag,
+                                              custom_load_fn=experts.load_module if experts else None)
+        if experts is not None and path is not None:
+            experts.load(ckpt_root(run_dir) / tag)
+        rng = ckpt_root(run_dir) / tag / f"rng_rank{dist.get_rank()}.pt"
+        if path is not None and rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+    except CheckpointError:
+        raise
+    except Exception as e:  # a truncated or damaged file: say which, and how to go on
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        raise CheckpointError(f"checkpoint {ckpt_root(run_dir) / tag} cannot be loaded "
+                              f"({type(e).__name__}: {first}): {_way_out(run_dir, tag)}") from None
     if path is None or "kiln" not in (client or {}):
         raise CheckpointError(f"checkpoint {ckpt_root(run_dir) / tag} could not be loaded: "
-                              "run with --no-resume to start over")
-    rng = ckpt_root(run_dir) / tag / f"rng_rank{dist.get_rank()}.pt"
-    if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
+                              f"{_way_out(run_dir, tag)}")
     return client["kiln"]
+
+
+def _way_out(run_dir: Path, tag: str) -> str:
+    """The fix for an unloadable newest checkpoint: an older one if there is, else start over."""
+    older = sorted(p.name for p in ckpt_root(run_dir).glob("step_*") if p.is_dir() and p.name < tag)
+    back = (f"write {older[-1]} into {ckpt_root(run_dir) / 'latest'} to resume from the one before, "
+            "or " if older else "")
+    return back + "run with --no-resume to start over (the old run is moved aside)"
 
 
 def _rng_state() -> dict:

@@ -4,6 +4,7 @@ A world is "already launched" when torchrun / the DeepSpeed launcher set RANK an
 or when srun started the tasks (SLURM_PROCID inside a job step); then this process is one rank.
 """
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -53,8 +54,48 @@ def launch_local(nproc: int, run_dir: Path, data_dir: Path) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen(cmd, env=env)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:  # torchrun forwards the signal to the ranks; wait for them
-        return proc.wait()
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    relay, interrupted = _Relay(), False
+    while True:
+        try:
+            relay.pump(proc.stderr)
+            break
+        except KeyboardInterrupt:  # torchrun forwards the signal to the ranks; keep draining
+            interrupted = True
+    rc = proc.wait()
+    return relay.finish(rc, quiet=interrupted)
+
+
+class _Relay:
+    """Passes the ranks' stderr through as it comes, each distinct `kiln: error:` line once (every
+    rank may report the same user error). torchrun's own failure report (its traceback and a
+    table of the ranks) is held back and shown only if no rank explained the failure itself."""
+
+    REPORT = re.compile(r"^E\d{4} .*failed \(exitcode")
+
+    def __init__(self):
+        self.errors, self.held = [], []
+
+    def pump(self, stream) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace")
+            if line.startswith("kiln: error:"):
+                if line not in self.errors:
+                    self.errors.append(line)
+                    self._write(line)
+            elif self.held or self.REPORT.match(line):
+                self.held.append(line)
+            else:
+                self._write(line)
+
+    def finish(self, rc: int, quiet: bool = False) -> int:
+        if rc != 0 and self.errors:
+            return 2  # the ranks said what to fix
+        if not quiet:
+            self._write("".join(self.held))
+        return rc
+
+    @staticmethod
+    def _write(text: str) -> None:
+        sys.stderr.write(text)
+        sys.stderr.flush()

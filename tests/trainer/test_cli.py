@@ -75,6 +75,20 @@ def test_corrupt_data_files_and_mismatched_checkpoint(small_recipe, tmp_path, ki
     one_error_line(kiln("train", small_recipe, "--set", "train.steps=3", "--set", "train.name=shape",
                         "--set", "model.dim=96", check=False), "model.dim=64", "96", "--no-resume")
     assert sorted(p.name for p in (run / "checkpoints").rglob("*")) == saved
+    # a truncated checkpoint file (disk full, a copy cut short): one line from the ranks (not a
+    # traceback each plus torchrun's report) naming the older checkpoint to fall back to
+    kiln("train", small_recipe, "--set", "train.steps=4", "--set", "train.name=cut",
+         "--set", "checkpoint.every=2")
+    cut = tmp_path / "runs" / "cut" / "checkpoints"
+    states = cut / "step_00000004" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])
+    one_error_line(kiln("train", small_recipe, "--set", "train.steps=6", "--set", "train.name=cut",
+                        "--set", "checkpoint.every=2", check=False),
+                   "step_00000004 cannot be loaded", "write step_00000002 into", "--no-resume")
+    (cut / "latest").write_text("step_00000002")  # the fix the message names
+    assert "from step_00000002" in kiln("train", small_recipe, "--set", "train.steps=6",
+                                        "--set", "train.name=cut", "--set", "checkpoint.every=2").stdout
+    assert (cut / "latest").read_text().strip() == "step_00000006"
     # corrupt prepared files: a copy of the cache with a truncated .bin, then a garbage .idx
     cache = tmp_path / "cache"
     shutil.copytree(kiln_home / "cache", cache)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from kiln.trainer.launch import _first_host, adopt_slurm_env
+from kiln.trainer.launch import _first_host, _Relay, adopt_slurm_env
 from tests.trainer.conftest import ROOT, losses
 
 
@@ -28,3 +28,30 @@ def test_kiln_train_under_torchrun_joins_the_world(small_recipe, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(losses(tmp_path / "runs" / "tr")) == [1, 2, 3]
     assert res.stdout.count("kiln: done.") == 1  # rank 0 reports, not every rank
+
+
+AGENT_REPORT = (b"E1201 13:31:22.714000 7899 torch/distributed/elastic/multiprocessing/api.py:1002] "
+                b"failed (exitcode: 1) local_rank: 0 (pid: 7901)\n"
+                b"Traceback (most recent call last):\n  File \"run.py\"\n"
+                b"torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n")
+
+
+def _relay(stream: bytes, rc: int, capsys, quiet=False):
+    import io
+    r = _Relay()
+    r.pump(io.BytesIO(stream))
+    return r.finish(rc, quiet=quiet), capsys.readouterr().err
+
+
+def test_relay_one_line_per_user_error_and_no_launcher_report(capsys):
+    err = b"kiln: error: checkpoint x cannot be loaded: fix it\n"
+    rc, out = _relay(b"step 1\n" + err + err + AGENT_REPORT, 1, capsys)
+    assert rc == 2 and out == "step 1\n" + err.decode()
+
+
+def test_relay_shows_the_report_when_a_rank_crashed(capsys):
+    crash = b"[rank0]: Traceback (most recent call last):\n[rank0]: ZeroDivisionError: boom\n"
+    rc, out = _relay(b"step 1\n" + crash + AGENT_REPORT, 1, capsys)
+    assert rc == 1 and out == (b"step 1\n" + crash + AGENT_REPORT).decode()
+    rc, out = _relay(b"step 1\n" + AGENT_REPORT, 130, capsys, quiet=True)  # Ctrl-C: no report
+    assert rc == 130 and out == "step 1\n"
