@@ -101,6 +101,8 @@ def cmd_train(args) -> int:
             print(f"kiln: resuming {run_dir} from {latest_tag(run_dir)} (--no-resume starts over)")
     if launch.in_launched_world():
         return _train_in_world(recipe, run_dir)
+    if recipe.train.device == "cuda":  # before preparing data for a run that cannot start
+        launch.check_cuda(recipe.train.nproc)
     data = _prepare(recipe)
     check_vocab(recipe.model.vocab_size, data.vocab_size)  # here, not in every rank's traceback
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,22 @@ def in_launched_world() -> bool:
     return ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or adopt_slurm_env()
 
 
+def check_cuda(ranks: int) -> None:
+    """train.device=cuda needs a GPU for each of this node's `ranks` ranks; one clear line if not."""
+    import torch
+
+    from kiln.trainer.config import ConfigError
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have == 0:
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise ConfigError(f"train.device=cuda but no CUDA GPU is visible (torch {torch.__version__}, "
+                          f"{build}): run on a GPU node, or --set train.device=cpu")
+    if have < ranks:
+        raise ConfigError(f"train.nproc={ranks} needs {ranks} GPUs on this node, {have} visible: "
+                          f"--nproc {have} (or set CUDA_VISIBLE_DEVICES)")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

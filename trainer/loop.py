@@ -14,6 +14,7 @@ from kiln.parallel.mesh import build_mesh
 from kiln.parallel.sequence import apply_sequence_parallel, comm_metrics, shard_batch
 from kiln.trainer import checkpoint
 from kiln.trainer.config import check_vocab, to_dict
+from kiln.trainer.launch import check_cuda
 from kiln.trainer.decompose_run import DecomposeRun
 from kiln.trainer.engine import build_engine
 from kiln.trainer.model import Transformer, count_params, flops_per_token
@@ -25,6 +26,8 @@ from kiln.trainer.objectives import build_objective
 def pick_device(recipe) -> torch.device:
     """cuda:<local rank> when asked for (or auto and available), else cpu."""
     want = recipe.train.device
+    if want == "cuda":
+        check_cuda(1)
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)

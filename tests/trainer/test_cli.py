@@ -62,6 +62,13 @@ def test_model_vocab_smaller_than_tokenizer(small_recipe):
                    "model.vocab_size=100", "512", "set model.vocab_size to 0")
 
 
+def test_gpu_recipe_without_gpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible, on any machine
+    one_error_line(kiln("train", ROOT / "recipes/gpt2_small.yaml", "--set", f"train.run_root={tmp_path}",
+                        check=False), "train.device=cuda", "no CUDA GPU", "train.device=cpu")
+    assert not list(tmp_path.iterdir())  # refused before preparing data or making a run dir
+
+
 def test_report_on_non_run_dir(tmp_path):
     one_error_line(kiln("report", tmp_path, check=False), "metrics.jsonl")
 
