@@ -98,7 +98,13 @@ def cmd_train(args) -> int:
             print(f"kiln: --no-resume: moved the old run to {aside}")
         else:
             check_compatible(run_dir, to_dict(recipe))
-            print(f"kiln: resuming {run_dir} from {latest_tag(run_dir)} (--no-resume starts over)")
+            tag = latest_tag(run_dir)
+            done = int(tag[5:]) if tag.startswith("step_") and tag[5:].isdigit() else None
+            if done is not None and done >= recipe.train.steps:  # nothing to do: start no ranks
+                print(f"kiln: {run_dir} already finished step {done} (train.steps={recipe.train.steps}): "
+                      "raise train.steps to train on, or --no-resume to start over")
+                return 0
+            print(f"kiln: resuming {run_dir} from {tag} (--no-resume starts over)")
     if launch.in_launched_world():
         return _train_in_world(recipe, run_dir)
     if recipe.train.device == "cuda":  # before preparing data for a run that cannot start

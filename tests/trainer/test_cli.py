@@ -96,6 +96,11 @@ def test_corrupt_data_files_and_mismatched_checkpoint(small_recipe, tmp_path, ki
     assert "from step_00000002" in kiln("train", small_recipe, "--set", "train.steps=6",
                                         "--set", "train.name=cut", "--set", "checkpoint.every=2").stdout
     assert (cut / "latest").read_text().strip() == "step_00000006"
+    # run again as it stands: finished, so no ranks start and nothing is written
+    lines = (cut.parent / "metrics.jsonl").read_text()
+    res = kiln("train", small_recipe, "--set", "train.steps=6", "--set", "train.name=cut")
+    assert "already finished step 6" in res.stdout and "raise train.steps" in res.stdout
+    assert (cut.parent / "metrics.jsonl").read_text() == lines
     # corrupt prepared files: a copy of the cache with a truncated .bin, then a garbage .idx
     cache = tmp_path / "cache"
     shutil.copytree(kiln_home / "cache", cache)
