@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 PACKINGS = ["concat", "decompose"]  # decompose: dataset decomposition buckets (data/decompose.py)
+TEXT_UNITS = ["document", "paragraph", "line"]  # what one document is in a .txt file
 CURRICULA = ["natural", "grow_p2", "grow_linear", "weights"]  # see data/curriculum.py
 
 
@@ -15,6 +16,9 @@ class DataConfig:
                 "comma list of .txt/.jsonl/.parquet files or folders, or 'hf:<name>[:<config>]'"})
     text_field: str = field(default="text", metadata={
         "help": "column holding the document text in .jsonl/.parquet/hub sources"})
+    text_unit: str = field(default="document", metadata={
+        "help": ".txt files: one document per file, per paragraph (split at blank lines) or per "
+                "line; empty ones are dropped", "choices": TEXT_UNITS})
     tokenizer: str = field(default="", metadata={
         "help": "path to a tokenizer.json; empty = train a byte-level BPE on the training split"})
     vocab_size: int = field(default=4096, metadata={
@@ -53,6 +57,8 @@ class DataConfig:
             raise ValueError("data.source is empty: set it to 'stdlib', a file path/glob, or 'hf:<name>'")
         if self.source.startswith("hf:") and not self.source[3:].strip(":"):
             raise ValueError("data.source 'hf:' names no dataset: write hf:<name> or hf:<name>:<config>")
+        if self.text_unit not in TEXT_UNITS:
+            raise ValueError(f"data.text_unit={self.text_unit!r} is unknown: choose one of {TEXT_UNITS}")
         if not self.text_field:
             raise ValueError("data.text_field is empty: set it to the column holding the text, e.g. text")
         if not self.tokenizer and not 260 <= self.vocab_size <= 2**31 - 1:

@@ -184,13 +184,15 @@ def local_corpus(cfg: DataConfig, progress: bool = True) -> DatasetsCorpus:
     parts = []
     for kind in sorted({_KINDS[f.suffix] for f in files}):
         group = [str(f) for f in files if _KINDS[f.suffix] == kind]
-        extra = {"sample_by": "document"} if kind == "text" else {}
+        extra = {"sample_by": cfg.text_unit} if kind == "text" else {}
         try:
             ds = datasets.load_dataset(kind, data_files=group, split="train",
                                        cache_dir=str(Path(cfg.cache_dir) / "hf"), **extra)
         except Exception as e:
             raise DataError(f"cannot read {kind} files {group[:3]}{'...' if len(group) > 3 else ''} "
                             f"({_first_line(e)}): fix or remove them") from None
+        if kind == "text" and cfg.text_unit != "document":  # blank lines are not documents
+            ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
         # `datasets` names the column of plain text files "text" whatever data.text_field says
         parts.append((ds, "text" if kind == "text" else cfg.text_field))
     return DatasetsCorpus(f"files:{cfg.source}", parts, cfg.max_documents)
@@ -253,7 +255,8 @@ def split_documents(keys: Sequence[str], heldout_percent: float) -> tuple[np.nda
     """
     if len(keys) < 2:
         raise DataError(f"the corpus has {len(keys)} document(s); kiln needs at least 2 (training "
-                        "+ held out): add documents or raise data.max_documents")
+                        "+ held out): add documents, raise data.max_documents, or split .txt files "
+                        "with data.text_unit=paragraph (or line)")
     scores = np.fromiter((heldout_score(k) for k in keys), dtype=np.float64, count=len(keys))
     held = scores < heldout_percent
     if not held.any():

@@ -66,6 +66,19 @@ def test_local_txt_and_jsonl(tmp_path):
     assert list(c2.texts(range(len(c2)))) == docs[:2]
 
 
+@pytest.mark.parametrize("unit,want", [
+    ("document", ["one a\none b\n\n\ntwo\n\nthree\n"]),
+    ("paragraph", ["one a\none b", "\ntwo", "three\n"]),  # `datasets` splits at "\n\n"
+    ("line", ["one a", "one b", "two", "three"])])
+def test_txt_text_units(tmp_path, unit, want):
+    # one big .txt file is a common corpus: it can be split at blank lines or lines
+    (tmp_path / "book.txt").write_text("one a\none b\n\n\ntwo\n\nthree\n")
+    c = open_corpus(DataConfig(source=str(tmp_path / "book.txt"), text_unit=unit,
+                               cache_dir=str(tmp_path / "c")), progress=False)
+    got = list(c.texts(range(len(c.keys))))
+    assert got == want
+
+
 def test_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
