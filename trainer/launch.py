@@ -5,6 +5,7 @@ or when srun started the tasks (SLURM_PROCID inside a job step); then this proce
 """
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def launch_local(nproc: int, run_dir: Path, data_dir: Path) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
     relay, interrupted = _Relay(), False
     while True:
         try:
@@ -80,6 +81,34 @@ def launch_local(nproc: int, run_dir: Path, data_dir: Path) -> int:
             interrupted = True
     rc = proc.wait()
     return relay.finish(rc, quiet=interrupted)
+
+
+def _die_with_parent() -> None:
+    """In torchrun's process, before exec: SIGTERM it when `kiln train` dies (kill -9, OOM killer),
+    so that it stops its ranks instead of leaving them training on unsupervised (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def watch_parent(interval: float = 1.0) -> None:
+    """In a rank that torchrun started: exit at once when torchrun is gone. torchrun starts each
+    rank in a session of its own, so killing the launcher's process group misses the ranks, and
+    an orphaned rank would train on and write checkpoints beside a resumed run."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="kiln-parent-watch", daemon=True).start()
 
 
 class _Relay:

@@ -10,6 +10,7 @@ from pathlib import Path
 from kiln.data.errors import DataError
 from kiln.trainer.checkpoint import CheckpointError
 from kiln.trainer.config import ConfigError, load_recipe
+from kiln.trainer.launch import watch_parent
 
 
 def main(argv=None) -> int:
@@ -17,6 +18,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--data-dir", required=True)
     args = ap.parse_args(argv)
+    watch_parent()
     run_dir = Path(args.run_dir)
     recipe = load_recipe(run_dir / "recipe.yaml")
     from kiln.trainer.loop import train  # heavy imports (deepspeed) only in ranks

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +43,22 @@ def test_loss_falls_on_embedded_corpus(small_recipe, tmp_path):
                                        "time/data_s", "time/optim_s", "mem_gb"))
 
 
+def _live_processes(fragment: str) -> list[int]:
+    """PIDs whose command line contains `fragment`, zombies (killed, not reaped) excluded."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (d / "stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if fragment in cmd and state != "Z":
+            pids.append(int(d.name))
+    return pids
+
+
 def test_kill_and_resume_equals_uninterrupted(small_recipe, tmp_path):
     common = ["--set", "train.steps=24", "--set", "checkpoint.every=8", "--set", "model.dim=128",
               "--set", "train.grad_accum=2", "--set", "train.micro_batch=2",
@@ -61,8 +78,13 @@ def test_kill_and_resume_equals_uninterrupted(small_recipe, tmp_path):
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, mid-run
+    os.killpg(proc.pid, signal.SIGKILL)  # `kiln train` and torchrun (the ranks have own sessions)
     proc.wait()
+    # the ranks notice that torchrun is gone and stop: none trains on beside the resumed run
+    deadline = time.time() + 20
+    while time.time() < deadline and _live_processes(f"--run-dir {run}"):
+        time.sleep(0.1)
+    assert not _live_processes(f"--run-dir {run}"), "orphaned ranks kept running"
     killed_at = max(losses(run))
     assert killed_at < 24
 
