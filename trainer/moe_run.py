@@ -11,6 +11,7 @@ Placement (`train.placement`):
 Profiles: every `train.profile_every` steps the routing counts since the last profile are saved
 under <run>/profiles/ (and logged to W&B as heatmaps).
 """
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ class MoERun:
         self.profiler = RoutingProfiler(model)
         self.last_profile = None
         self.want = None
+        self.solve = None  # an auto re-solve in flight: a _Solve on rank 0, True elsewhere
 
     @classmethod
     def setup(cls, recipe, model, mesh, run_dir, bf16: bool, saved_placement=None):
@@ -102,24 +104,36 @@ class MoERun:
                             monitor.wandb.log(wandb_heatmaps(prof), step=step)
                         except Exception as e:  # a logging problem must not stop training
                             print(f"kiln: W&B routing heatmaps not logged ({type(e).__name__}: {e})")
-        if self.ep > 1 and t.placement == "auto" and t.placement_every and step % t.placement_every == 0:
+        if self.ep == 1 or t.placement != "auto":
+            return
+        if self.solve is not None and step % t.log_every == 0:   # a background solve: done yet?
+            self._collect(engine, step, wait=False)
+        if self.solve is None and step % t.placement_every == 0:
             prof = self.last_profile or self.profiler.snapshot("profile", reset=False)
             if prof is not None:
-                self._resolve(prof, engine, step)
+                self.solve = _Solve(self, prof, step) if dist.get_rank() == 0 else True
+                if not t.placement_async:
+                    self._collect(engine, step, wait=True)
 
-    def _resolve(self, prof, engine, step: int) -> None:
-        """Rank 0 solves the ILP (time-limited; stage 3 if asked), every rank migrates to the result."""
+    def _collect(self, engine, step: int, wait: bool) -> None:
+        """Rank 0 tells every rank how the solve went (collective); all migrate to its result."""
         box = [None]
         if dist.get_rank() == 0:
-            t = self.recipe.train
-            res = place(prof, "ilp", Topology(ranks=self.ep), cost_model(self.recipe.model, self.bf16),
-                        time_limit=t.placement_time_limit, refine=t.placement_refine,
-                        min_balance=t.placement_min_balance)
-            res.to_json(str(self.run_dir / "placement_auto.json"))
-            box = [res.placement]
+            box = [self.solve.outcome(wait)]
         dist.broadcast_object_list(box, src=0)
-        if not np.array_equal(box[0], self.placement):
-            self._migrate(box[0], engine, f"auto placement at step {step}")
+        outcome = box[0]
+        if outcome is None:  # still solving
+            return
+        self.solve = None
+        kind, value, started, seconds = outcome
+        why = f"auto placement at step {step} (from step {started}'s profile, solved in {seconds:.1f} s)"
+        if kind == "error":
+            if dist.get_rank() == 0:
+                print(f"kiln: {why}: failed ({value}); keeping the current placement", flush=True)
+        elif not np.array_equal(value, self.placement):
+            self._migrate(value, engine, why)
+        elif dist.get_rank() == 0:
+            print(f"kiln: {why}: unchanged", flush=True)
 
     def metrics(self, steps: int, device) -> dict:
         """Routing quality, all-to-all bytes/time per step and aux loss (collective: all ranks call)."""
@@ -150,6 +164,41 @@ class MoERun:
             s += f" a2a {rec['moe/a2a_bytes_per_step'] / 2 ** 20:.1f}MiB {1e3 * rec['moe/a2a_s_per_step']:.0f}ms"
         return s
 
+
+
+class _Solve:
+    """Rank 0's auto re-solve (the ILP, time-limited; stage 3 if asked) in a thread: HiGHS releases
+    the GIL, so with train.placement_async the training loop goes on meanwhile."""
+
+    def __init__(self, run: MoERun, prof, step: int):
+        import threading
+
+        t = run.recipe.train
+        self.step, self.t0, self.result = step, time.perf_counter(), None
+        args = (prof, "ilp", Topology(ranks=run.ep), cost_model(run.recipe.model, run.bf16))
+        kw = dict(time_limit=t.placement_time_limit, refine=t.placement_refine,
+                  min_balance=t.placement_min_balance)
+        out = str(run.run_dir / "placement_auto.json")
+        self.thread = threading.Thread(target=self._run, args=(args, kw, out), daemon=True,
+                                       name="kiln-placement")
+        self.thread.start()
+
+    def _run(self, args, kw, out) -> None:
+        try:
+            res = place(*args, **kw)
+            res.to_json(out)
+            self.result = ("ok", res.placement)
+        except Exception as e:  # an unsolvable profile must not end the run
+            self.result = ("error", f"{type(e).__name__}: {e}")
+        self.seconds = time.perf_counter() - self.t0
+
+    def outcome(self, wait: bool):
+        """(kind, placement or message, start step, seconds), or None while still solving."""
+        if wait:
+            self.thread.join()
+        if self.thread.is_alive():
+            return None
+        return (*self.result, self.step, self.seconds)
 
 
 def resume_placement(run_dir, ep: int):

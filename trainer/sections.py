@@ -136,6 +136,9 @@ class TrainConfig:
         "help": "seconds the ILP may take for placement=auto"})
     placement_refine: bool = field(default=False, metadata={
         "help": "with placement=auto: add kiln's stage 3 (cut cross-rank traffic under the balance floor)"})
+    placement_async: bool = field(default=False, metadata={
+        "help": "with placement=auto: rank 0 solves in a background thread while training goes on; "
+                "the experts migrate at the first log_every step after it finishes"})
     placement_min_balance: float = field(default=0.95, metadata={
         "help": "with placement_refine: each layer keeps balancedness >= min(this, its ILP value)"})
     profile_every: int = field(default=0, metadata={

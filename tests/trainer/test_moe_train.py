@@ -70,6 +70,18 @@ def test_train_place_resume_profile(small_recipe, tmp_path):
     got = losses(auto)
     for step, value in ref.items():
         assert abs(got[step] - value) <= 1e-5 * abs(value), (step, got[step], value)
+    # the same with the solve in a background thread: training goes on, the ranks agree on the
+    # result at a later log step and migrate there; the function is still unchanged
+    res = kiln("train", small_recipe, *MOE, *steps, "--set", "train.name=async", "--set", "train.placement=auto",
+               "--set", "train.placement_every=2", "--set", "train.placement_async=true",
+               "--set", "train.log_every=1")
+    applied = [x for x in res.stdout.splitlines() if "auto placement at step" in x]
+    assert applied and "from step 2's profile" in applied[0], res.stdout
+    assert int(applied[0].split("auto placement at step ")[1].split()[0]) > 2  # later, not blocking
+    assert (tmp_path / "runs" / "async" / "placement_auto.json").is_file()
+    got = losses(tmp_path / "runs" / "async")
+    for step, value in ref.items():
+        assert abs(got[step] - value) <= 1e-5 * abs(value), (step, got[step], value)
 
     res = kiln("profile-routing", run, "--batches", "2")
     assert "held-out tokens" in res.stdout
