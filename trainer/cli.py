@@ -117,6 +117,10 @@ def cmd_train(args) -> int:
     rc = launch.launch_local(recipe.train.nproc, run_dir, data.dir)
     if rc == 0:
         _print_where(run_dir, recipe)
+    elif rc == 130:
+        tag = latest_tag(run_dir)
+        kept = f"the newest checkpoint, {tag}, is kept" if tag else "no checkpoint was saved yet"
+        print(f"kiln: interrupted; {kept}: run the same command to resume", file=sys.stderr)
     return rc
 
 

@@ -72,15 +72,15 @@ def launch_local(nproc: int, run_dir: Path, data_dir: Path) -> int:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("PYTHONUNBUFFERED", "1")
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
-    relay, interrupted = _Relay(), False
+    relay = _Relay()
     while True:
         try:
             relay.pump(proc.stderr)
             break
         except KeyboardInterrupt:  # torchrun forwards the signal to the ranks; keep draining
-            interrupted = True
+            relay.interrupted = True
     rc = proc.wait()
-    return relay.finish(rc, quiet=interrupted)
+    return relay.finish(rc)
 
 
 def _die_with_parent() -> None:
@@ -120,6 +120,7 @@ class _Relay:
 
     def __init__(self):
         self.errors, self.held = [], []
+        self.interrupted = False  # Ctrl-C: what torchrun and the ranks print while stopping is noise
 
     def pump(self, stream) -> None:
         for raw in iter(stream.readline, b""):
@@ -128,16 +129,18 @@ class _Relay:
                 if line not in self.errors:
                     self.errors.append(line)
                     self._write(line)
-            elif self.held or self.REPORT.match(line):
+            elif self.held or self.interrupted or self.REPORT.match(line):
                 self.held.append(line)
             else:
                 self._write(line)
 
-    def finish(self, rc: int, quiet: bool = False) -> int:
+    def finish(self, rc: int) -> int:
+        """The exit code for `kiln train`: 2 after a user error, 130 after Ctrl-C."""
         if rc != 0 and self.errors:
             return 2  # the ranks said what to fix
-        if not quiet:
-            self._write("".join(self.held))
+        if self.interrupted:
+            return 130
+        self._write("".join(self.held))
         return rc
 
     @staticmethod

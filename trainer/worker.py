@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     except (CheckpointError, ConfigError, DataError) as e:  # user errors: one line, no traceback
         print(f"kiln: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (torchrun forwards it): `kiln train` reports it once
+        return 130
     return 0
 
 

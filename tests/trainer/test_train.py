@@ -95,6 +95,25 @@ def test_kill_and_resume_equals_uninterrupted(small_recipe, tmp_path):
     assert got == ref  # exactly the same curve, step for step
 
 
+def test_ctrl_c_stops_every_rank_with_one_line(small_recipe, tmp_path):
+    run = tmp_path / "runs" / "ctrlc"
+    cmd = [sys.executable, "-m", "kiln.trainer.cli", "train", str(small_recipe), "--set", "train.steps=100000",
+           "--set", "checkpoint.every=2", "--set", "train.name=ctrlc"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / "checkpoints" / "latest").exists():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [x for x in err.splitlines() if x.strip() and "arning" not in x and "DeepSpeed" not in x]
+    assert lines[-1].startswith("kiln: interrupted; the newest checkpoint, step_"), err
+    assert lines[-1].endswith("is kept: run the same command to resume")
+    assert "Traceback" not in err
+    assert not _live_processes(f"--run-dir {run}")
+
+
 def test_sequence_parallel_run_follows_the_single_rank_run(small_recipe, tmp_path):
     # the same global batch (one data-parallel rank) split over 2 sequence ranks, or not at all
     kiln("train", small_recipe, "--nproc", "1", "--set", "train.name=sp1")
