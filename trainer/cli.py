@@ -91,8 +91,13 @@ def cmd_train(args) -> int:
         PlacementResult.from_json(recipe.train.placement, recipe.model.moe_layers,
                                   recipe.model.moe.num_experts, recipe.parallel.ep)
     run_dir = Path(recipe.train.run_root) / recipe.train.name
+    launched = launch.in_launched_world()
+    if not launched:
+        launch.claim_run_dir(run_dir)  # held until this process ends
     if latest_tag(run_dir) is not None:
-        if args.no_resume:
+        if args.no_resume and os.environ.get("RANK", "0") != "0":
+            pass  # in a launched world rank 0 moves the old run aside (before it prepares data)
+        elif args.no_resume:
             aside = run_dir.with_name(f"{run_dir.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
             shutil.move(str(run_dir), str(aside))
             print(f"kiln: --no-resume: moved the old run to {aside}")
@@ -105,7 +110,7 @@ def cmd_train(args) -> int:
                       "raise train.steps to train on, or --no-resume to start over")
                 return 0
             print(f"kiln: resuming {run_dir} from {tag} (--no-resume starts over)")
-    if launch.in_launched_world():
+    if launched:
         return _train_in_world(recipe, run_dir)
     if recipe.train.device == "cuda":  # before preparing data for a run that cannot start
         launch.check_cuda(recipe.train.nproc)

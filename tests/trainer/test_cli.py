@@ -74,6 +74,32 @@ def test_report_on_non_run_dir(tmp_path):
 
 
 @pytest.mark.slow
+def test_second_train_on_a_busy_run_dir_is_refused(small_recipe, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "runs" / "busy"
+    args = ["train", str(small_recipe), "--set", "train.steps=100000", "--set", "train.name=busy"]
+    first = subprocess.Popen([sys.executable, "-m", "kiln.trainer.cli", *args], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        for extra in ([], ["--no-resume"]):  # --no-resume must not move a live run aside either
+            one_error_line(kiln("train", small_recipe, "--set", "train.name=busy", *extra, check=False),
+                           f"{run} is in use by another kiln train (pid {first.pid}", "another train.name")
+        assert first.poll() is None and run.is_dir()  # the first run goes on, where it was
+    finally:
+        os.killpg(first.pid, signal.SIGINT)
+        first.wait(timeout=120)
+    kiln("train", small_recipe, "--set", "train.name=busy", "--set", "train.steps=1", "--no-resume")
+
+
+@pytest.mark.slow
 def test_corrupt_data_files_and_mismatched_checkpoint(small_recipe, tmp_path, kiln_home):
     res = kiln("train", small_recipe, "--set", "train.steps=3", "--set", "train.name=shape")
     run = tmp_path / "runs" / "shape"
