@@ -93,6 +93,8 @@ def cmd_train(args) -> int:
     run_dir = Path(recipe.train.run_root) / recipe.train.name
     launched = launch.in_launched_world()
     if not launched:
+        if recipe.train.device == "cuda":  # before touching the run dir or preparing data
+            launch.check_cuda(recipe.train.nproc)
         launch.claim_run_dir(run_dir)  # held until this process ends
     if latest_tag(run_dir) is not None:
         if args.no_resume and os.environ.get("RANK", "0") != "0":
@@ -112,8 +114,6 @@ def cmd_train(args) -> int:
             print(f"kiln: resuming {run_dir} from {tag} (--no-resume starts over)")
     if launched:
         return _train_in_world(recipe, run_dir)
-    if recipe.train.device == "cuda":  # before preparing data for a run that cannot start
-        launch.check_cuda(recipe.train.nproc)
     data = _prepare(recipe)
     check_vocab(recipe.model.vocab_size, data.vocab_size)  # here, not in every rank's traceback
     run_dir.mkdir(parents=True, exist_ok=True)
