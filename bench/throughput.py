@@ -6,6 +6,11 @@ Prints tokens/s, MFU against a measured GEMM peak, and the ratios. Goals: kiln/e
 kiln/HF >= 1.2. Needs `pip install transformers` for the HF column (skipped with a note if absent).
 
     python bench/throughput.py [--steps 12] [--dim 256] [--layers 4] [--seq 256] [--batch 8]
+                               [--vocab 4096] [--malloc-tuned]
+
+--malloc-tuned reruns the script with glibc told to keep its memory (no fresh mmap per big block,
+no trimming): the loops that allocate big short-lived buffers every step (HF's and eager's full
+logits) stop page-faulting them in again, which is most of their gap to kiln (docs/trainer.md).
 """
 import argparse
 import math
@@ -16,6 +21,11 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# glibc: serve every block from the heap (never a fresh mmap) and never give the heap back
+MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 33),
+                "MALLOC_TOP_PAD_": str(1 << 28)}
 
 
 def synthetic_batches(n, batch, seq, vocab, seed=0):
@@ -162,7 +172,12 @@ def main():
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--malloc-tuned", action="store_true",
+                    help="rerun with glibc keeping its memory (MALLOC_* variables) for every loop")
     args = ap.parse_args()
+    if args.malloc_tuned and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = dict(os.environ, **MALLOC_TUNED)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # glibc reads them at start
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from kiln.trainer.model import ModelConfig, flops_per_token
     from kiln.trainer.monitor import measure_cpu_peak
@@ -184,9 +199,10 @@ def main():
     results = dict.fromkeys(loops)
     results.update(time_interleaved({k: v for k, v in loops.items() if v is not None}, batches))
 
+    alloc = "tuned (MALLOC_*)" if "MALLOC_MMAP_THRESHOLD_" in os.environ else "glibc default"
     print(f"model dim={args.dim} layers={args.layers} heads={args.heads}/{args.kv_heads} "
           f"vocab={args.vocab}; batch {args.batch}x{args.seq}; {threads} threads; "
-          f"GEMM peak {peak / 1e9:.1f} GFLOP/s")
+          f"GEMM peak {peak / 1e9:.1f} GFLOP/s; allocator {alloc}")
     print(f"{'loop':<26}{'s/step':>9}{'tokens/s':>11}{'MFU':>8}")
     for name, sec in results.items():
         if sec is None:
