@@ -1,5 +1,6 @@
 """The `kiln` command: train, prepare, config, report, place, profile-routing."""
 import argparse
+import datetime
 import os
 import shutil
 import sys
@@ -135,14 +136,25 @@ def _train_in_world(recipe, run_dir: Path) -> int:
 
     from kiln.trainer.loop import init_distributed, pick_device, train
 
-    init_distributed(pick_device(recipe))
-    shared = [None]
+    init_distributed(pick_device(recipe), recipe.train.dist_timeout_s)
+    # The other ranks wait for rank 0's data on the rendezvous store, not in a collective: a big
+    # corpus takes longer to prepare than any collective timeout should be.
+    store, key = dist.distributed_c10d._get_default_store(), "kiln/prepared"
     if dist.get_rank() == 0:
-        shared[0] = str(_prepare(recipe).dir)
+        try:
+            data_dir = str(_prepare(recipe).dir)
+        except BaseException:
+            store.set(key, "")  # release the others; this rank reports the error
+            raise
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
-    dist.broadcast_object_list(shared, src=0)  # the prepared folder (a shared filesystem)
-    train(recipe, run_dir, Path(shared[0]))
+        store.set(key, data_dir)
+    else:
+        store.wait([key], datetime.timedelta(days=7))
+        data_dir = store.get(key).decode()
+        if not data_dir:
+            return 2  # rank 0 printed why
+    train(recipe, run_dir, Path(data_dir))
     if dist.get_rank() == 0:
         _print_where(run_dir, recipe)
     return 0

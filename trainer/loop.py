@@ -35,12 +35,15 @@ def pick_device(recipe) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
     """NCCL on GPUs, gloo on CPUs: the only difference between the two paths."""
+    import datetime
+
     import deepspeed
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def resolve_model(recipe, vocab: int):
@@ -61,7 +64,7 @@ def _mean_across_ranks(value: float, device) -> float:
 def train(recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> None:
     """Train `recipe` in this process as one rank of the already-launched world."""
     device = pick_device(recipe)
-    init_distributed(device)
+    init_distributed(device, recipe.train.dist_timeout_s)
     mesh = build_mesh(recipe.parallel.sp, recipe.parallel.ep)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
     threads = recipe.train.threads or max(1, (os.cpu_count() or 1) // local_world)

@@ -124,6 +124,9 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={
         "help": "auto = bf16 on GPU, fp32 on CPU", "choices": ["auto", "fp32", "bf16"]})
     threads: int = field(default=0, metadata={"help": "torch threads per rank; 0 = cores / local ranks"})
+    dist_timeout_s: float = field(default=600.0, metadata={
+        "help": "seconds a collective may wait for the other ranks before the run fails (rank 0 "
+                "preparing data before the first step is not bounded by it)"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile each transformer block (fuses norm/RoPE/SwiGLU elementwise work; "
                 "the first steps compile); dense models without sequence parallelism"})
@@ -155,6 +158,8 @@ class TrainConfig:
                              "train.placement_time_limit > 0")
         if not 0 <= self.placement_min_balance <= 1:
             raise ValueError(f"train.placement_min_balance must lie in [0, 1] (got {self.placement_min_balance})")
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"train.dist_timeout_s must be > 0 (got {self.dist_timeout_s})")
         if self.placement == "auto" and self.placement_every < 1:
             raise ValueError("train.placement=auto needs train.placement_every >= 1 (steps between re-solves)")
 

@@ -1,6 +1,7 @@
 """Joining a world another launcher started: torchrun directly, and srun's variables."""
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -28,6 +29,22 @@ def test_kiln_train_under_torchrun_joins_the_world(small_recipe, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(losses(tmp_path / "runs" / "tr")) == [1, 2, 3]
     assert res.stdout.count("kiln: done.") == 1  # rank 0 reports, not every rank
+
+
+@pytest.mark.slow
+def test_slow_prepare_on_rank_0_outlasts_the_collective_timeout(small_recipe, tmp_path):
+    # the whole embedded corpus into a fresh cache (>10 s here) against a 6 s collective timeout:
+    # rank 1 waits on the rendezvous store, not in a collective that would time out
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29634",
+           "-m", "kiln.trainer.cli", "train", str(small_recipe), "--set", "train.name=slowprep",
+           "--set", "train.steps=2", "--set", "train.dist_timeout_s=6",
+           "--set", f"data.cache_dir={tmp_path / 'fresh'}", "--set", "data.max_documents=0",
+           "--set", "data.vocab_size=8192"]
+    t0 = time.time()
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[kiln prepare]" in res.stderr + res.stdout and time.time() - t0 > 6
+    assert sorted(losses(tmp_path / "runs" / "slowprep")) == [1, 2]
 
 
 AGENT_REPORT = (b"E1201 13:31:22.714000 7899 torch/distributed/elastic/multiprocessing/api.py:1002] "
