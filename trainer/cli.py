@@ -120,7 +120,7 @@ def cmd_train(args) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
     print(f"kiln: run dir {run_dir}, {recipe.train.nproc} local ranks", flush=True)
-    rc = launch.launch_local(recipe.train.nproc, run_dir, data.dir)
+    rc = launch.launch_local(recipe.train.nproc, run_dir, data.dir, recipe.train.device)
     if rc == 0:
         _print_where(run_dir, recipe)
     elif rc == 130:

@@ -91,7 +91,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_local(nproc: int, run_dir: Path, data_dir: Path) -> int:
+def launch_local(nproc: int, run_dir: Path, data_dir: Path, device: str = "auto") -> int:
     """Run `nproc` ranks of kiln.trainer.worker on this machine under torchrun; its exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--nnodes=1", f"--master-port={_free_port()}", "--master-addr=127.0.0.1",
@@ -99,6 +99,8 @@ def launch_local(nproc: int, run_dir: Path, data_dir: Path) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if device == "cpu" or (device == "auto" and not _cuda_available()):
+        env.setdefault("DS_ACCELERATOR", "cpu")  # else every rank warns that it fell back to CPU
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
     relay = _Relay()
     while True:
@@ -109,6 +111,12 @@ def launch_local(nproc: int, run_dir: Path, data_dir: Path) -> int:
             relay.interrupted = True
     rc = proc.wait()
     return relay.finish(rc)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _die_with_parent() -> None:
