@@ -93,7 +93,7 @@ def _free_port() -> int:
 
 def launch_local(nproc: int, run_dir: Path, data_dir: Path, device: str = "auto") -> int:
     """Run `nproc` ranks of kiln.trainer.worker on this machine under torchrun; its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+    cmd = [sys.executable, "-m", "kiln.trainer.torchrun", f"--nproc-per-node={nproc}",
            "--nnodes=1", f"--master-port={_free_port()}", "--master-addr=127.0.0.1",
            "-m", "kiln.trainer.worker", "--run-dir", str(run_dir), "--data-dir", str(data_dir)]
     env = dict(os.environ)
@@ -101,7 +101,8 @@ def launch_local(nproc: int, run_dir: Path, data_dir: Path, device: str = "auto"
     env.setdefault("PYTHONUNBUFFERED", "1")
     if device == "cpu" or (device == "auto" and not _cuda_available()):
         env.setdefault("DS_ACCELERATOR", "cpu")  # else every rank warns that it fell back to CPU
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+    env["KILN_PARENT_PID"] = str(os.getpid())
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     relay = _Relay()
     while True:
         try:
@@ -119,18 +120,21 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _die_with_parent() -> None:
-    """In torchrun's process, before exec: SIGTERM it when `kiln train` dies (kill -9, OOM killer),
-    so that it stops its ranks instead of leaving them training on unsupervised (Linux only)."""
+def die_with_parent(parent: int) -> None:
+    """Ask for SIGTERM when the parent process `parent` dies (kill -9, OOM killer), so that torchrun
+    stops its ranks instead of leaving them training on unsupervised (Linux only). Set in the child
+    itself rather than by Popen's preexec_fn, which can deadlock in a parent with threads."""
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:  # it died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
-def watch_parent(interval: float = 1.0) -> None:
+def watch_parent(interval: float = 0.1) -> None:
     """In a rank that torchrun started: exit at once when torchrun is gone. torchrun starts each
     rank in a session of its own, so killing the launcher's process group misses the ranks, and
     an orphaned rank would train on and write checkpoints beside a resumed run."""

@@ -1,0 +1,16 @@
+"""torchrun as `kiln train` starts it: `python -m kiln.trainer.torchrun <torchrun arguments>`.
+
+The same launcher (torch.distributed.run), made to stop when `kiln train` dies: see
+kiln.trainer.launch.die_with_parent.
+"""
+import os
+import runpy
+import sys
+
+from kiln.trainer.launch import die_with_parent
+
+if __name__ == "__main__":
+    if "KILN_PARENT_PID" in os.environ:
+        die_with_parent(int(os.environ.pop("KILN_PARENT_PID")))
+    sys.argv[0] = "torch.distributed.run"
+    runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
