@@ -154,7 +154,8 @@ def watch_parent(interval: float = 0.1) -> None:
 class _Relay:
     """Passes the ranks' stderr through as it comes, each distinct `kiln: error:` line once (every
     rank may report the same user error). torchrun's own failure report (its traceback and a
-    table of the ranks) is held back and shown only if no rank explained the failure itself."""
+    table of the ranks), and anything after a rank's error line, is held back and shown only if no
+    rank explained the failure itself."""
 
     REPORT = re.compile(r"^E\d{4} .*failed \(exitcode")
 
@@ -169,7 +170,9 @@ class _Relay:
                 if line not in self.errors:
                     self.errors.append(line)
                     self._write(line)
-            elif self.held or self.interrupted or self.REPORT.match(line):
+            elif self.held or self.interrupted or self.errors or self.REPORT.match(line):
+                # after a rank's error line what follows is shutdown noise (torchrun stopping the
+                # other ranks, its report); it is shown only if the run ends with no error line
                 self.held.append(line)
             else:
                 self._write(line)

@@ -62,7 +62,9 @@ def _relay(stream: bytes, rc: int, capsys):
 
 def test_relay_one_line_per_user_error_and_no_launcher_report(capsys):
     err = b"kiln: error: checkpoint x cannot be loaded: fix it\n"
-    rc, out = _relay(b"step 1\n" + err + err + AGENT_REPORT, 1, capsys)
+    stopping = b"W1201 14:37:01.185000 30966 torch/distributed/elastic/multiprocessing/api.py:1028] " \
+               b"Sending process 30968 closing signal SIGTERM\n"  # the other rank, stopped
+    rc, out = _relay(b"step 1\n" + err + stopping + err + AGENT_REPORT, 1, capsys)
     assert rc == 2 and out == "step 1\n" + err.decode()
 
 
