@@ -60,27 +60,27 @@ def solve_mip(cost, lower, upper, integer, rows, cols, vals, row_lo, row_hi,
 
 
 def _quiet_highs():
-    """A silent Highs. HiGHS >= 1.16 prints a two-line banner on stdout when the first instance
-    of a process is built, before output_flag can be set; kiln's output (`kiln place`, training
-    logs) must not carry it, so fd 1 points at /dev/null for that one construction."""
-    global _BANNER_SEEN
-    if _BANNER_SEEN:
-        h = highspy.Highs()
-    else:
-        sys.stdout.flush()
-        saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(null, 1)
-            h = highspy.Highs()
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved), os.close(null)
-        _BANNER_SEEN = True
+    h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     return h
 
 
-_BANNER_SEEN = False
+def _swallow_banner() -> None:
+    """HiGHS >= 1.16 prints a two-line banner on stdout when a process builds its first instance,
+    before output_flag can be set. Build that first one here, at import (in the main thread, before
+    any solve thread exists), with fd 1 pointed at /dev/null, so kiln's output never carries it."""
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
+_swallow_banner()
 
 
 def gap(obj: float, bound: float) -> float:

@@ -98,12 +98,11 @@ def cmd_train(args) -> int:
             launch.check_cuda(recipe.train.nproc)
         launch.claim_run_dir(run_dir)  # held until this process ends
     if latest_tag(run_dir) is not None:
-        if args.no_resume and os.environ.get("RANK", "0") != "0":
-            pass  # in a launched world rank 0 moves the old run aside (before it prepares data)
-        elif args.no_resume:
-            aside = run_dir.with_name(f"{run_dir.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
-            shutil.move(str(run_dir), str(aside))
-            print(f"kiln: --no-resume: moved the old run to {aside}")
+        if args.no_resume:
+            if os.environ.get("RANK", "0") == "0":  # in a launched world, rank 0 alone moves it
+                aside = run_dir.with_name(f"{run_dir.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+                shutil.move(str(run_dir), str(aside))
+                print(f"kiln: --no-resume: moved the old run to {aside}")
         else:
             check_compatible(run_dir, to_dict(recipe))
             tag = latest_tag(run_dir)

@@ -79,7 +79,8 @@ def claim_run_dir(run_dir: Path) -> None:
         f.close()
         raise ConfigError(f"{run_dir} is in use by another kiln train ({holder}): wait for it to "
                           "finish or stop it, or set another train.name") from None
-    f.seek(0), f.truncate()
+    f.seek(0)
+    f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}")
     f.flush()
     _CLAIMS.append(f)

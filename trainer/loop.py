@@ -14,9 +14,9 @@ from kiln.parallel.mesh import build_mesh
 from kiln.parallel.sequence import apply_sequence_parallel, comm_metrics, shard_batch
 from kiln.trainer import checkpoint
 from kiln.trainer.config import check_vocab, to_dict
-from kiln.trainer.launch import check_cuda
 from kiln.trainer.decompose_run import DecomposeRun
 from kiln.trainer.engine import build_engine
+from kiln.trainer.launch import check_cuda
 from kiln.trainer.model import Transformer, count_params, flops_per_token
 from kiln.trainer.moe_run import MoERun, expert_checkpoint, resume_placement
 from kiln.trainer.monitor import Monitor, fmt_eta, memory_gb, peak_flops

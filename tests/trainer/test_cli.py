@@ -1,5 +1,10 @@
 """The `kiln` command as users meet it: help, and one clear line + exit 2 for each mistake."""
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -75,12 +80,6 @@ def test_report_on_non_run_dir(tmp_path):
 
 @pytest.mark.slow
 def test_second_train_on_a_busy_run_dir_is_refused(small_recipe, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     run = tmp_path / "runs" / "busy"
     args = ["train", str(small_recipe), "--set", "train.steps=100000", "--set", "train.name=busy"]
     first = subprocess.Popen([sys.executable, "-m", "kiln.trainer.cli", *args], cwd=ROOT,
