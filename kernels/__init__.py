@@ -13,7 +13,7 @@ from kiln.kernels.block_attention import attention_bwd as attention_bwd_ref
 from kiln.kernels.block_attention import attention_fwd as attention_fwd_ref
 from kiln.kernels.config import KernelsConfig
 from kiln.kernels.cross_entropy import linear_cross_entropy_ref
-from kiln.kernels.eager import attention_eager, rms_norm_eager, rope_eager
+from kiln.kernels.eager import attention_eager, grouped_linear_eager, rms_norm_eager, rope_eager
 from kiln.kernels.moe import moe_permute_ref, moe_unpermute_ref
 from kiln.kernels.reference import attention_ref, rms_norm_ref, rope_cos_sin, rope_ref, swiglu_ref
 
@@ -26,6 +26,7 @@ dispatch.register("attention_bwd", "torch", attention_bwd_ref)
 dispatch.register("linear_cross_entropy", "torch", linear_cross_entropy_ref)
 dispatch.register("moe_permute", "torch", moe_permute_ref)
 dispatch.register("moe_unpermute", "torch", moe_unpermute_ref)
+dispatch.register("grouped_linear", "torch", grouped_linear_eager)
 
 
 def _lazy(module: str, attr: str):
@@ -121,11 +122,17 @@ def moe_unpermute(y_perm, row_map, weights):
     return dispatch.get("moe_unpermute", y_perm.device)(y_perm, row_map, weights)
 
 
+def grouped_linear(x, w, sizes: list, ids):
+    """MoE expert GEMMs: rows of x [M, K] in consecutive groups of `sizes` rows, group j times
+    w[ids[j]].T for stacked weights w [G, N, K]; x must have rows. Returns [M, N]."""
+    return dispatch.get("grouped_linear", x.device)(x, w, sizes, ids)
+
+
 def configure(cfg: KernelsConfig) -> None:
     """Apply the recipe's kernels section."""
     dispatch.configure(cfg.use, cfg.ce_chunk_tokens)
 
 
 __all__ = ["KernelsConfig", "apply_rope", "attention", "attention_bwd", "attention_fwd", "configure",
-           "dispatch", "linear_cross_entropy", "moe_permute", "moe_unpermute", "rms_norm",
+           "dispatch", "grouped_linear", "linear_cross_entropy", "moe_permute", "moe_unpermute", "rms_norm",
            "rope_cos_sin", "swiglu"]

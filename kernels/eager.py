@@ -17,13 +17,20 @@ has the whole step):
     of ~460 in the step (two interleaved A/B runs of 40 steps). The rotation writes both halves in
     place into one output (multiply, then addcmul_) instead of six temporaries and a cat: 0.46 ->
     0.23 ms per call at [8, 256, 4, 64], ~3 ms of ~237 in the step (interleaved A/B, 16 steps).
+  * MoE experts: one grouped GEMM (torch's grouped_mm) over all of a layer's experts instead of
+    one GEMM per expert, where grouped_mm takes the dtype and device (CPU fp32/bf16, CUDA bf16 on
+    sm80+); elsewhere (fp64, older GPUs) the per-expert loop. Forward + backward of moe_tiny's
+    three expert GEMMs: see docs/moe.md.
 Tried and dropped: RoPE as two full-width multiplies against [cos, cos] / [-sin, sin] is faster
 alone (2.5 -> 1.8 ms) but slower inside the step (+15 ms); F.rms_norm (no faster than the
 reference here).
 """
+import itertools
+
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels.moe import grouped_linear_ref
 from kiln.kernels.reference import attention_mask, attention_ref
 
 
@@ -110,3 +117,32 @@ class _EagerRope(torch.autograd.Function):
 def rope_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """rope_ref's result; cos/sin [B, S, D/2] are tables (no gradient flows to them)."""
     return _EagerRope.apply(x, cos, sin)
+
+
+def _grouped_mm_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm runs these operands (its CUDA kernels want bf16 on sm80+ and
+    16-byte-aligned rows; its CPU path takes fp32 and bf16)."""
+    if x.dtype != w.dtype or x.shape[0] == 0:
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    if x.device.type == "cuda":
+        return (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+                and x.shape[1] % 8 == 0 and w.shape[1] % 8 == 0)
+    return False
+
+
+def grouped_linear_eager(x: torch.Tensor, w: torch.Tensor, sizes: list, ids) -> torch.Tensor:
+    """grouped_linear_ref's result from one grouped GEMM where grouped_mm takes the operands."""
+    if not _grouped_mm_takes(x, w):
+        return grouped_linear_ref(x, w, sizes, ids)
+    ids = list(ids)
+    first = ids[0] if ids else 0
+    # a layer's experts sit in consecutive rows of w (the bank's dispatch order): a view, no copy
+    wg = w[first:first + len(ids)] if ids == list(range(first, first + len(ids))) else w[ids]
+    offs = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int32, device=x.device)
+    y = F.grouped_mm(x.contiguous(), wg.transpose(-2, -1), offs=offs)
+    if y.requires_grad:
+        # grouped_mm's backward rejects an expanded gradient (e.g. from a sum): hand it a dense one
+        y.register_hook(lambda g: g.contiguous())
+    return y

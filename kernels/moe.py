@@ -4,7 +4,8 @@ moe_permute copies each token once per chosen expert into x_perm, grouped by exp
 order and stable (token order) within an expert; row_map[n, c] is the x_perm row of token n's
 c-th choice. moe_unpermute sums each token's k expert outputs weighted by its routing weights.
 The index computation (a stable argsort) is torch in both paths; the row copies are the Triton
-kernels in moe_triton.py. This file is the torch reference.
+kernels in moe_triton.py. grouped_linear runs the experts' GEMMs on rows grouped by expert. This
+file holds the torch references.
 """
 import torch
 
@@ -30,3 +31,9 @@ def moe_unpermute_ref(y_perm: torch.Tensor, row_map: torch.Tensor, weights: torc
     """Torch moe_unpermute: out[n] = sum_c weights[n, c] * y_perm[row_map[n, c]]."""
     out = (y_perm[row_map] * weights.unsqueeze(-1).to(y_perm.dtype)).sum(1)
     return out
+
+
+def grouped_linear_ref(x: torch.Tensor, w: torch.Tensor, sizes: list, ids) -> torch.Tensor:
+    """Rows of x [M, K] in consecutive groups of `sizes` rows; group j times w[ids[j]].T (w [G, N, K]).
+    One GEMM per non-empty group: the oracle for the grouped kernel. x must have rows."""
+    return torch.cat([rows @ w[e].t() for e, rows in zip(ids, torch.split(x, sizes)) if rows.shape[0]])

@@ -141,17 +141,15 @@ class SwiGLUExperts(nn.Module):
         sizes = [int(c) for c in tokens_per_expert.tolist()] if torch.is_tensor(tokens_per_expert) \
             else list(tokens_per_expert)
         ids = range(len(sizes)) if ids is None else ids
-        outs = []
-        for e, rows in zip(ids, torch.split(x, sizes) if sizes else ()):
-            if rows.shape[0]:
-                outs.append(kernels.swiglu(rows @ self.w1[e].t(), rows @ self.w3[e].t()) @ self.w2[e].t())
-        if not outs:
+        if x.shape[0] == 0:
             # Keep x and the weights in the graph: under expert parallelism a rank that received
             # no tokens must still run the backward all-to-all the other ranks wait for, and
             # every rank must produce (zero) weight gradients for the reduction.
             zero = 0 * (x.sum() + self.w1.sum() + self.w3.sum() + self.w2.sum())
             return x.new_zeros(0, self.w2.shape[1]) + zero
-        return torch.cat(outs)
+        h = kernels.swiglu(kernels.grouped_linear(x, self.w1, sizes, ids),
+                           kernels.grouped_linear(x, self.w3, sizes, ids))
+        return kernels.grouped_linear(h, self.w2, sizes, ids)
 
 
 def local_expert_compute(block, x, expert_idx, weights):

@@ -59,3 +59,63 @@ def test_triton_matches_reference(n, k, e, d):
     assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
     for name, a, b in zip(["x_perm", "out", "dx", "dweights", "dy_perm"], got[:1] + got[3:], ref[:1] + ref[3:]):
         torch.testing.assert_close(a.double(), b.detach(), **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def _groups(sizes, n, k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(sizes), k, generator=g, dtype=torch.float64)
+    w = torch.randn(len(sizes) + 3, n, k, generator=g, dtype=torch.float64)
+    return x.to(dtype), w.to(dtype)
+
+
+@pytest.mark.parametrize("sizes,ids", [
+    ([5, 0, 9, 3], [0, 1, 2, 3]),      # an empty group, ids from 0
+    ([4, 7, 2], [3, 4, 5]),            # a later layer's consecutive bank rows (a view of w)
+    ([6, 1, 0, 8, 2], [5, 0, 6, 2, 1]),  # any slot order (gathered rows of w)
+])
+def test_grouped_linear_matches_per_group_loop_fp64(sizes, ids):
+    """The grouped GEMM (fp32) against the per-group loop in fp64: output and both gradients."""
+    from kiln.kernels.eager import _grouped_mm_takes, grouped_linear_eager
+    from kiln.kernels.moe import grouped_linear_ref
+
+    x64, w64 = _groups(sizes, 24, 16, torch.float64, seed=len(ids))
+    x32, w32 = (t.float().requires_grad_() for t in (x64, w64))
+    assert _grouped_mm_takes(x32, w32)  # this test exercises torch's grouped_mm, not the loop
+    x64.requires_grad_(), w64.requires_grad_()
+    y32, y64 = grouped_linear_eager(x32, w32, sizes, ids), grouped_linear_ref(x64, w64, sizes, ids)
+    g = torch.randn(y64.shape, dtype=torch.float64)
+    y32.backward(g.float())
+    y64.backward(g)
+    tol = dict(atol=1e-4, rtol=1e-5)  # fp32 sums of 16-24 products against fp64
+    torch.testing.assert_close(y32.double(), y64.detach(), **tol)
+    torch.testing.assert_close(x32.grad.double(), x64.grad, **tol)
+    torch.testing.assert_close(w32.grad.double(), w64.grad, **tol)
+    unused = [e for e in range(w64.shape[0]) if e not in ids]
+    assert w32.grad[unused].abs().max() == 0
+
+
+def test_grouped_linear_takes_an_expanded_gradient_and_bf16():
+    from kiln.kernels.eager import grouped_linear_eager
+    from kiln.kernels.moe import grouped_linear_ref
+
+    sizes, ids = [3, 0, 5], [0, 1, 2]
+    x, w = (t.requires_grad_() for t in _groups(sizes, 16, 8, torch.float32, seed=7))
+    grouped_linear_eager(x, w, sizes, ids).sum().backward()  # the gradient is a stride-0 expand
+    xr, wr = (t.detach().double().requires_grad_() for t in (x, w))
+    grouped_linear_ref(xr, wr, sizes, ids).sum().backward()
+    torch.testing.assert_close(w.grad.double(), wr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-5)
+    xb, wb = x.detach().bfloat16(), w.detach().bfloat16()
+    yb = grouped_linear_eager(xb, wb, sizes, ids)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.double(), grouped_linear_ref(xb.double(), wb.double(), sizes, ids),
+                               atol=2e-2, rtol=1e-2)  # bf16 products, fp32 accumulation
+
+
+def test_grouped_linear_falls_back_to_the_loop_for_fp64():
+    from kiln.kernels.eager import _grouped_mm_takes, grouped_linear_eager
+    from kiln.kernels.moe import grouped_linear_ref
+
+    x, w = _groups([2, 4], 8, 8, torch.float64, seed=3)
+    assert not _grouped_mm_takes(x, w)
+    assert torch.equal(grouped_linear_eager(x, w, [2, 4], [1, 0]), grouped_linear_ref(x, w, [2, 4], [1, 0]))
