@@ -125,9 +125,10 @@ class ExpertLayout:
 class ExpertBank(nn.Module):
     """This rank's S experts over all MoE layers as stacked SwiGLU weights (see module doc)."""
 
-    def __init__(self, experts_cls, slots: int, dim: int, ffn: int):
+    def __init__(self, experts_cls, slots: int, dim: int, ffn: int, device, dtype):
         super().__init__()
-        self.experts = experts_cls(slots, dim, ffn)
+        # built on meta and only then given memory: the caller fills every slot
+        self.experts = experts_cls(slots, dim, ffn, seed=0, deferred=True).to_empty(device=device).to(dtype)
         for p in self.experts.parameters():
             p.kiln_expert = True
 
@@ -213,8 +214,10 @@ def apply_expert_parallel(model: nn.Module, ep_group, placement=None) -> ExpertP
 
     placement: [L, E] rank ids (None = contiguous). Every rank must call this with the same
     placement and the same initial weights (same seed): each keeps its own experts' rows in a new
-    `model.expert_bank` and drops the blocks' full expert weights. Returns (and stores as
-    `model.kiln_ep`) the handle used by migrate() and the checkpoint helpers.
+    `model.expert_bank` and drops the blocks' full expert weights. A model built under
+    kiln.trainer.moe.deferred_experts() has no full expert weights: each rank then builds only its
+    own experts from their seeds (`experts.expert_init(e)`), the same values. Returns (and stores
+    as `model.kiln_ep`) the handle used by migrate() and the checkpoint helpers.
     """
     blocks = moe_blocks(model)
     if not blocks:
@@ -230,11 +233,15 @@ def apply_expert_parallel(model: nn.Module, ep_group, placement=None) -> ExpertP
     me = dist.get_rank(ep_group)
     first = blocks[0].experts
     ffn, dim = first.w1.shape[1], first.w1.shape[2]
-    bank = ExpertBank(type(first), len(layout.slots[me]), dim, ffn).to(first.w1.device, first.w1.dtype)
+    dense = next(p for p in model.parameters() if not p.is_meta)  # where the bank lives
+    bank = ExpertBank(type(first), len(layout.slots[me]), dim, ffn, dense.device, dense.dtype)
     with torch.no_grad():
         for i, (l, e) in enumerate(layout.slots[me]):
-            for name in ("w1", "w3", "w2"):
-                getattr(bank.experts, name)[i].copy_(getattr(blocks[l].experts, name)[e])
+            experts = blocks[l].experts
+            rows = experts.expert_init(e) if experts.w1.is_meta else \
+                [getattr(experts, name)[e] for name in ("w1", "w3", "w2")]
+            for name, row in zip(("w1", "w3", "w2"), rows):
+                getattr(bank.experts, name)[i].copy_(row)
     model.add_module("expert_bank", bank)
     ep = ExpertParallel(ep_group, layout, bank, blocks)
     for l, block in enumerate(blocks):

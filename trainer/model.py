@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kiln import kernels
-from kiln.trainer.moe import MoE
+from kiln.trainer.moe import MoE, SwiGLUExperts
 from kiln.trainer.sections import ModelConfig
 
 
@@ -147,11 +147,20 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, std) everywhere; residual projections scaled by 1/sqrt(2L) (GPT-NeoX/Llama)."""
         std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        experts = [m for m in self.modules() if isinstance(m, SwiGLUExperts)]
+        if experts:  # expert by expert from their own seeds (see SwiGLUExperts)
+            base = int(torch.randint(0, 2**62, ()))
+            for i, m in enumerate(experts):
+                m.reset_parameters([base, i], std, out_std)
+        own = {id(p) for m in experts for p in m.parameters()}
         for name, p in self.named_parameters():
+            if id(p) in own:
+                continue
             if p.dim() == 1:
                 nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight", "experts.w2", "shared.w2")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, 0.0, out_std)
             else:
                 nn.init.normal_(p, 0.0, std)
 

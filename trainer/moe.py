@@ -12,9 +12,12 @@ uses to shard the experts without importing this file:
     router z-loss (a scalar tensor for the objective to add) and ``block.stats`` the unweighted
     parts and the drop count.
 """
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -122,20 +125,56 @@ class Router(nn.Module):
         return idx, top_p.to(x.dtype), aux
 
 
+_DEFERRED = contextvars.ContextVar("kiln_deferred_experts", default=False)
+
+
+@contextlib.contextmanager
+def deferred_experts(on: bool = True):
+    """Models built inside keep their routed experts' weights on the meta device (no memory):
+    expert parallelism then builds only the experts its rank keeps (SwiGLUExperts.expert_init)."""
+    token = _DEFERRED.set(on)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
 class SwiGLUExperts(nn.Module):
     """`num` SwiGLU experts as stacked parameters w1, w3 [num, ffn, dim] and w2 [num, dim, ffn].
 
     forward(x, tokens_per_expert, ids) runs expert ids[j] (default j) on the j-th group of rows of
     x; stacking lets parallel code shard, move and re-slot experts as plain tensor rows.
+    Expert e is initialised from its own generator (seed, e), so any subset of the experts can be
+    built alone and equals the same rows of the whole stack. `seed` None draws it from torch's
+    global generator; `deferred` leaves the weights on the meta device.
     """
 
-    def __init__(self, num: int, dim: int, ffn: int):
+    def __init__(self, num: int, dim: int, ffn: int, seed=None, deferred: bool = False):
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(num, ffn, dim))
-        self.w3 = nn.Parameter(torch.empty(num, ffn, dim))
-        self.w2 = nn.Parameter(torch.empty(num, dim, ffn))
-        for w in (self.w1, self.w3, self.w2):
-            nn.init.normal_(w, 0.0, 0.02)
+        device = "meta" if deferred else None
+        self.w1 = nn.Parameter(torch.empty(num, ffn, dim, device=device))
+        self.w3 = nn.Parameter(torch.empty(num, ffn, dim, device=device))
+        self.w2 = nn.Parameter(torch.empty(num, dim, ffn, device=device))
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        self.reset_parameters(seed, 0.02, 0.02)
+
+    def reset_parameters(self, seed, std: float, out_std: float) -> None:
+        """Normal(0, std) for w1/w3 and Normal(0, out_std) for w2, expert by expert from `seed`."""
+        self.init_seed, self.init_stds = seed, (std, std, out_std)
+        if self.w1.is_meta:
+            return
+        with torch.no_grad():
+            for e in range(self.w1.shape[0]):
+                for p, w in zip((self.w1, self.w3, self.w2), self.expert_init(e)):
+                    p[e].copy_(w)
+
+    def expert_init(self, e: int) -> tuple:
+        """Expert e's initial (w1, w3, w2) as new fp32 CPU tensors."""
+        seed = np.random.SeedSequence([*np.atleast_1d(self.init_seed).tolist(), e]).generate_state(1, np.uint64)
+        g = torch.Generator().manual_seed(int(seed[0] >> np.uint64(1)))
+        return tuple(torch.randn(p.shape[1:], generator=g) * s
+                     for p, s in zip((self.w1, self.w3, self.w2), self.init_stds))
 
     def forward(self, x, tokens_per_expert, ids=None):
         sizes = [int(c) for c in tokens_per_expert.tolist()] if torch.is_tensor(tokens_per_expert) \
@@ -175,7 +214,10 @@ class MoE(nn.Module):
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         width = cfg.expert_ffn_dim or ffn_dim
         self.router = Router(dim, cfg)
-        self.experts = SwiGLUExperts(cfg.num_experts, dim, width)
+        # the seed is drawn here either way, so a deferred build leaves torch's generator where a
+        # full build does (ranks under expert parallelism then build the same dense weights)
+        self.experts = SwiGLUExperts(cfg.num_experts, dim, width, seed=int(torch.randint(0, 2**62, ())),
+                                     deferred=_DEFERRED.get())
         self.shared = None
         if cfg.shared_experts:
             self.shared = SwiGLUExperts(1, dim, cfg.shared_experts * width)

@@ -3,7 +3,8 @@
 Spawn 1 (2 ranks, no DeepSpeed): outputs and gradients of EP=2 equal EP=1 for contiguous, random
 and lopsided placements (a rank without experts in a layer), dropless and capacity mode; a
 migration keeps the function, the weights and Adam's state; checkpoints load under another
-placement. fp64 tolerance 1e-12, fp32 tolerance 2e-6 (relative to the largest value).
+placement; a model built with deferred experts (never holding all of them) gets the same weights.
+fp64 tolerance 1e-12, fp32 tolerance 2e-6 (relative to the largest value).
 Spawn 2 (4 ranks, DeepSpeed, EP=2 so expert-data-parallel groups have 2 ranks): one optimizer
 Adam steps through the DeepSpeed engine with ZeRO 0 and 2 equal the EP=1 engine's steps (fp32,
 1e-5 relative), and a migration between the two steps changes nothing (optimizer state moves).
@@ -20,7 +21,7 @@ from torch import nn
 
 from kiln.parallel.expert import apply_expert_parallel, gather_experts
 from kiln.parallel.expert_state import load_experts, migrate, read_full_experts, save_experts
-from kiln.trainer.moe import MoE, MoEConfig, moe_aux_loss
+from kiln.trainer.moe import MoE, MoEConfig, deferred_experts, moe_aux_loss
 from tests.dist import run_ranks
 
 L, E, DIM, FFN = 3, 4, 8, 12
@@ -176,6 +177,23 @@ def _gather_state(net, opt) -> dict:
     return out
 
 
+def _deferred_build(rank, world):
+    """Each rank builds only its own experts from their seeds: equal to the rows of a full build."""
+    torch.manual_seed(0)
+    full = Net(MoEConfig(num_experts=E, top_k=2))
+    torch.manual_seed(0)
+    with deferred_experts():
+        net = Net(MoEConfig(num_experts=E, top_k=2))
+    res = {"meta_before": all(b.experts.w1.is_meta for b in net.layers)}
+    apply_expert_parallel(net, dist.group.WORLD, random_placement(3))
+    got = gather_experts(net)
+    res["experts"] = all(torch.equal(got[n], _ref_expert(full, n)) for n in got)
+    dense = {k: v for k, v in full.state_dict().items() if ".experts." not in k}
+    res["dense"] = all(torch.equal(net.state_dict()[k], v) for k, v in dense.items())
+    res["no_meta"] = not any(p.is_meta for p in net.parameters())
+    return res
+
+
 def cases_two_ranks(rank, world):
     out = {}
     dropless, capped = MoEConfig(num_experts=E, top_k=2), MoEConfig(num_experts=E, top_k=2, capacity_factor=0.75)
@@ -184,6 +202,7 @@ def cases_two_ranks(rank, world):
             out[str(dtype), name] = _equivalence(rank, world, dtype, dropless, placement)
     out["capacity"] = _equivalence(rank, world, torch.float64, capped, random_placement(2))
     out["migrate"] = _migration_and_checkpoint(rank, world)
+    out["deferred"] = _deferred_build(rank, world)
     return out
 
 
@@ -196,10 +215,16 @@ def two_rank_results():
 def test_ep2_equals_ep1_outputs_and_gradients(two_rank_results):
     for res in two_rank_results:
         for key, ok in res.items():
-            if key in ("migrate", "capacity"):
+            if key in ("migrate", "capacity", "deferred"):
                 continue
             assert ok["out"] and ok["expert_grads"] and ok["router_grads"], (key, ok)
             assert ok["dropped"] == [0, 0, 0]
+
+
+@pytest.mark.slow
+def test_deferred_experts_build_only_the_local_ones_with_the_full_builds_values(two_rank_results):
+    for res in two_rank_results:
+        assert res["deferred"] == {"meta_before": True, "experts": True, "dense": True, "no_meta": True}
 
 
 @pytest.mark.slow

@@ -178,3 +178,35 @@ def test_auto_placement_solve_outcome(tmp_path, ranks):
     else:
         assert kind == "error" and "PlacementError" in value and "at most 4 ranks" in value
         assert not (tmp_path / "placement_auto.json").exists()
+
+
+def test_deferred_build_matches_full_build_expert_by_expert():
+    """A model built under deferred_experts holds no routed-expert memory, leaves torch's generator
+    where a full build does, has the same dense weights, and expert_init(e) gives the full rows."""
+    from kiln.trainer.model import ModelConfig, Transformer
+    from kiln.trainer.moe import deferred_experts
+
+    cfg = ModelConfig(vocab_size=64, dim=16, n_layers=3, n_heads=2, n_kv_heads=1, mlp="moe",
+                      moe=MoEConfig(num_experts=4, top_k=2, shared_experts=1, every_n_layers=1))
+    torch.manual_seed(5)
+    full = Transformer(cfg)
+    after_full = torch.randn(3)
+    torch.manual_seed(5)
+    with deferred_experts():
+        lazy = Transformer(cfg)
+    assert torch.equal(torch.randn(3), after_full)
+    routed = [(n, p) for n, p in lazy.named_parameters() if ".experts." in n]
+    assert len(routed) == 9 and all(p.is_meta for _, p in routed)
+    full_params = dict(full.named_parameters())
+    for n, p in lazy.named_parameters():
+        if not p.is_meta:  # dense weights, routers, norms and the shared expert
+            assert torch.equal(p, full_params[n]), n
+    for block_full, block_lazy in zip(full.layers, lazy.layers):
+        for e in range(4):
+            for name, row in zip(("w1", "w3", "w2"), block_lazy.mlp.experts.expert_init(e)):
+                assert torch.equal(row, getattr(block_full.mlp.experts, name)[e])
+    # distinct experts and layers got distinct draws, at the Llama/NeoX scales
+    w1 = torch.stack([b.mlp.experts.w1.detach() for b in full.layers])
+    assert len({float(v) for v in w1[:, :, 0, 0].flatten()}) == 12
+    assert abs(float(w1.std()) - 0.02) < 0.002
+    assert abs(float(full.layers[0].mlp.experts.w2.detach().std()) - 0.02 / math.sqrt(6)) < 0.001
