@@ -111,7 +111,8 @@ def cmd_train(args) -> int:
                 print(f"kiln: {run_dir} already finished step {done} (train.steps={recipe.train.steps}): "
                       "raise train.steps to train on, or --no-resume to start over")
                 return 0
-            print(f"kiln: resuming {run_dir} from {tag} (--no-resume starts over)")
+            if os.environ.get("RANK", "0") == "0":  # once, also in a world srun/torchrun launched
+                print(f"kiln: resuming {run_dir} from {tag} (--no-resume starts over)")
     if launched:
         return _train_in_world(recipe, run_dir)
     data = _prepare(recipe)

@@ -1,5 +1,7 @@
 """One rank's training run: build everything, step, evaluate, checkpoint, report."""
+import contextlib
 import dataclasses
+import io
 import os
 import time
 from pathlib import Path
@@ -18,8 +20,8 @@ from kiln.trainer.decompose_run import DecomposeRun
 from kiln.trainer.engine import build_engine
 from kiln.trainer.launch import check_cuda
 from kiln.trainer.model import Transformer, count_params, flops_per_token
-from kiln.trainer.moe_run import MoERun, expert_checkpoint, resume_placement
 from kiln.trainer.moe import deferred_experts
+from kiln.trainer.moe_run import MoERun, expert_checkpoint, resume_placement
 from kiln.trainer.monitor import Monitor, fmt_eta, memory_gb, peak_flops
 from kiln.trainer.objectives import build_objective
 
@@ -43,8 +45,13 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
     import deepspeed
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said):  # on CPU every rank prints that its shm op built
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                       timeout=datetime.timedelta(seconds=timeout_s))
+        for line in said.getvalue().splitlines():
+            if not line.endswith("built successfully"):
+                print(line, flush=True)
 
 
 def resolve_model(recipe, vocab: int):
