@@ -120,15 +120,16 @@ def rope_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def _grouped_mm_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether torch's grouped_mm runs these operands (its CUDA kernels want bf16 on sm80+ and
-    16-byte-aligned rows; its CPU path takes fp32 and bf16)."""
+    """Whether torch's grouped_mm runs these operands: rows of 16-byte multiples on both devices,
+    fp32 or bf16 on CPU, bf16 on CUDA sm80+."""
     if x.dtype != w.dtype or x.shape[0] == 0:
+        return False
+    if any(n * x.element_size() % 16 for n in (x.shape[1], w.shape[1])) or x.data_ptr() % 16 or w.data_ptr() % 16:
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)
     if x.device.type == "cuda":
-        return (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-                and x.shape[1] % 8 == 0 and w.shape[1] % 8 == 0)
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
     return False
 
 

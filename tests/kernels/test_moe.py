@@ -112,10 +112,15 @@ def test_grouped_linear_takes_an_expanded_gradient_and_bf16():
                                atol=2e-2, rtol=1e-2)  # bf16 products, fp32 accumulation
 
 
-def test_grouped_linear_falls_back_to_the_loop_for_fp64():
+@pytest.mark.parametrize("dtype,n,k", [(torch.float64, 8, 8), (torch.float32, 6, 8), (torch.float32, 8, 6)])
+def test_grouped_linear_falls_back_to_the_loop(dtype, n, k):
+    """fp64, and fp32 rows that are not 16-byte multiples (grouped_mm rejects them), take the loop."""
     from kiln.kernels.eager import _grouped_mm_takes, grouped_linear_eager
     from kiln.kernels.moe import grouped_linear_ref
 
-    x, w = _groups([2, 4], 8, 8, torch.float64, seed=3)
+    x, w = (t.requires_grad_() for t in _groups([2, 4], n, k, dtype, seed=3))
     assert not _grouped_mm_takes(x, w)
-    assert torch.equal(grouped_linear_eager(x, w, [2, 4], [1, 0]), grouped_linear_ref(x, w, [2, 4], [1, 0]))
+    y = grouped_linear_eager(x, w, [2, 4], [1, 0])
+    assert torch.equal(y, grouped_linear_ref(x, w, [2, 4], [1, 0]))
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad[2:].abs().max() == 0
