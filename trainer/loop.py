@@ -177,7 +177,7 @@ def train(recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> None:
             moe.on_step_end(done, engine, monitor)
         if (recipe.train.eval_every and done % recipe.train.eval_every == 0) or done == t.steps:
             run_eval(done)
-        if done % recipe.checkpoint.every == 0 or done == t.steps:
+        if (recipe.checkpoint.every and done % recipe.checkpoint.every == 0) or done == t.steps:
             path = checkpoint.save(engine, run_dir, done, {"step": done, "tokens": tokens}, recipe_dict,
                                    recipe.checkpoint.keep, experts)
             if rank0:

@@ -101,6 +101,10 @@ class ScheduleConfig:
     decay: str = field(default="cosine", metadata={
         "help": "shape after warmup", "choices": ["cosine", "linear", "constant"]})
 
+    def validate(self):
+        if self.warmup_steps < 0:
+            raise ValueError(f"schedule.warmup_steps must be >= 0 (got {self.warmup_steps})")
+
 
 @dataclass
 class TrainConfig:
@@ -151,6 +155,8 @@ class TrainConfig:
         for name in ("steps", "micro_batch", "grad_accum", "nproc", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.eval_every < 0:
+            raise ValueError(f"train.eval_every must be >= 0 (0 = only at the end; got {self.eval_every})")
         if self.tokens_per_step < 0:
             raise ValueError(f"train.tokens_per_step must be >= 0 (got {self.tokens_per_step})")
         if min(self.placement_every, self.profile_every) < 0 or self.placement_time_limit <= 0:
@@ -168,8 +174,15 @@ class TrainConfig:
 class CheckpointConfig:
     """When and how much is saved."""
 
-    every: int = field(default=100, metadata={"help": "checkpoint interval in steps (and always at the end)"})
-    keep: int = field(default=2, metadata={"help": "newest checkpoints kept; older ones are deleted"})
+    every: int = field(default=100, metadata={
+        "help": "checkpoint interval in steps, 0 = only at the end (there always is one at the end)"})
+    keep: int = field(default=2, metadata={"help": "newest checkpoints kept; older ones are deleted (0 = keep all)"})
+
+    def validate(self):
+        if self.every < 0:
+            raise ValueError(f"checkpoint.every must be >= 0 (0 = only at the end; got {self.every})")
+        if self.keep < 0:
+            raise ValueError(f"checkpoint.keep must be >= 0 (0 = keep all; got {self.keep})")
 
 
 @dataclass

@@ -85,6 +85,19 @@ def test_impossible_combinations(tmp_path):
         tmp_path, "train:\n  placement_min_balance: 1.5\n")
 
 
+@pytest.mark.parametrize("text,expected", [
+    ("checkpoint: {every: -1}", "checkpoint.every must be >= 0 (0 = only at the end; got -1)"),
+    ("checkpoint: {keep: -2}", "checkpoint.keep must be >= 0 (0 = keep all; got -2)"),
+    ("train: {eval_every: -5}", "train.eval_every must be >= 0 (0 = only at the end; got -5)"),
+    ("schedule: {warmup_steps: -1}", "schedule.warmup_steps must be >= 0 (got -1)"),
+])
+def test_negative_intervals(tmp_path, text, expected):
+    """A negative interval used to pass: x % -1 == 0 checkpointed every step; checkpoint.every=0
+    divided by zero in every rank (0 now means only at the end, as for eval_every)."""
+    assert expected in error_of(tmp_path, text + "\n")
+    assert load_recipe(write(tmp_path, "checkpoint: {every: 0, keep: 0}\n")).checkpoint.every == 0
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_recipe(tmp_path / "missing.yaml")
