@@ -43,6 +43,15 @@ class ModelConfig:
         return self.ffn_dim or -(-(8 * self.dim // 3) // 64) * 64
 
     def validate(self):
+        for name in ("dim", "n_layers", "n_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("vocab_size", "n_kv_heads", "ffn_dim"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0 (0 = derived; got {getattr(self, name)})")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"model.{name} must be > 0 (got {getattr(self, name)})")
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
         if self.n_heads % self.kv_heads:
@@ -51,9 +60,6 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"head dim dim/n_heads = {self.head_dim} must be even for RoPE: "
                              "change model.dim or model.n_heads")
-        for name in ("dim", "n_layers", "n_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1")
         if self.mlp == "moe":
             self.moe.validate()
 
@@ -74,6 +80,10 @@ class ObjectiveConfig:
     z_loss: float = field(default=0.0, metadata={
         "help": "coefficient of the output z-loss (lse^2), 0 = off"})
 
+    def validate(self):
+        if self.z_loss < 0:
+            raise ValueError(f"objective.z_loss must be >= 0 (got {self.z_loss})")
+
 
 @dataclass
 class OptimConfig:
@@ -91,6 +101,16 @@ class OptimConfig:
     def validate(self):
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0 (got {self.lr})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must lie in [0, 1] (got {self.min_lr_ratio})")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optim.{name} must lie in [0, 1) (got {getattr(self, name)})")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps must be > 0 (got {self.eps})")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name} must be >= 0 (got {getattr(self, name)})")
 
 
 @dataclass
@@ -155,6 +175,8 @@ class TrainConfig:
         for name in ("steps", "micro_batch", "grad_accum", "nproc", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.threads < 0:
+            raise ValueError(f"train.threads must be >= 0 (0 = cores / local ranks; got {self.threads})")
         if self.eval_every < 0:
             raise ValueError(f"train.eval_every must be >= 0 (0 = only at the end; got {self.eval_every})")
         if self.tokens_per_step < 0:

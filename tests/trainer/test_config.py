@@ -90,10 +90,22 @@ def test_impossible_combinations(tmp_path):
     ("checkpoint: {keep: -2}", "checkpoint.keep must be >= 0 (0 = keep all; got -2)"),
     ("train: {eval_every: -5}", "train.eval_every must be >= 0 (0 = only at the end; got -5)"),
     ("schedule: {warmup_steps: -1}", "schedule.warmup_steps must be >= 0 (got -1)"),
+    ("model: {n_heads: 0}", "model.n_heads must be >= 1 (got 0)"),  # was a ZeroDivisionError
+    ("model: {n_kv_heads: -1}", "model.n_kv_heads must be >= 0 (0 = derived; got -1)"),
+    ("model: {norm_eps: 0}", "model.norm_eps must be > 0 (got 0.0)"),
+    ("model: {rope_theta: -1}", "model.rope_theta must be > 0 (got -1.0)"),
+    ("optim: {min_lr_ratio: 2}", "optim.min_lr_ratio must lie in [0, 1] (got 2.0)"),
+    ("optim: {beta2: 1}", "optim.beta2 must lie in [0, 1) (got 1.0)"),
+    ("optim: {grad_clip: -1}", "optim.grad_clip must be >= 0 (got -1.0)"),
+    ("optim: {weight_decay: -0.1}", "optim.weight_decay must be >= 0 (got -0.1)"),
+    ("optim: {eps: 0}", "optim.eps must be > 0 (got 0.0)"),
+    ("objective: {z_loss: -1}", "objective.z_loss must be >= 0 (got -1.0)"),
+    ("train: {threads: -2}", "train.threads must be >= 0 (0 = cores / local ranks; got -2)"),
 ])
-def test_negative_intervals(tmp_path, text, expected):
-    """A negative interval used to pass: x % -1 == 0 checkpointed every step; checkpoint.every=0
-    divided by zero in every rank (0 now means only at the end, as for eval_every)."""
+def test_out_of_range_numbers(tmp_path, text, expected):
+    """Each of these used to pass: a negative interval (x % -1 == 0 checkpointed every step;
+    checkpoint.every=0 divided by zero in every rank, and now means only at the end, as for
+    eval_every), n_heads=0 (a ZeroDivisionError), and optimizer values that train into NaN."""
     assert expected in error_of(tmp_path, text + "\n")
     assert load_recipe(write(tmp_path, "checkpoint: {every: 0, keep: 0}\n")).checkpoint.every == 0
 
