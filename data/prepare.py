@@ -227,8 +227,10 @@ def _build(cfg, corpus, tok, tok_json, splits, text_bytes, key, final, progress)
             shutil.rmtree(tmp, ignore_errors=True)
             return prepared
         _fsync_dir(cache)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(final)  # a failed close() names no file: say what was being written
         raise
     return Prepared.load(final, checksum=False)
 

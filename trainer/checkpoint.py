@@ -4,6 +4,7 @@ Layout: <run_dir>/checkpoints/step_00000100/... with DeepSpeed's `latest` file n
 newest complete one. DeepSpeed writes `latest` only after every file of a tag is saved, so a
 run killed mid-save resumes from the previous checkpoint.
 """
+import contextlib
 import json
 import random
 import shutil
@@ -67,16 +68,18 @@ def save(engine, run_dir: Path, step: int, state: dict, recipe_dict: dict, keep:
     `experts` (kiln.parallel.expert_state.ExpertCheckpoint) saves sharded experts too."""
     root, tag = ckpt_root(run_dir), tag_for(step)
     rank = dist.get_rank()
-    # kiln's files first: DeepSpeed's `latest` (written last) then marks the tag complete.
-    (root / tag).mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
-    if rank == 0:
-        (root / tag / "kiln_recipe.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
-        (root / tag / "kiln_state.json").write_text(json.dumps(state))
-    if experts is not None:
-        experts.save(root / tag)
+    with _writing(run_dir, tag):
+        # kiln's files first: DeepSpeed's `latest` (written last) then marks the tag complete.
+        (root / tag).mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
+        if rank == 0:
+            (root / tag / "kiln_recipe.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
+            (root / tag / "kiln_state.json").write_text(json.dumps(state))
+        if experts is not None:
+            experts.save(root / tag)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"kiln": state})
+    with _writing(run_dir, tag):
+        engine.save_checkpoint(str(root), tag=tag, client_state={"kiln": state})
     dist.barrier()
     if rank == 0 and keep > 0:
         tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
@@ -85,6 +88,27 @@ def save(engine, run_dir: Path, step: int, state: dict, recipe_dict: dict, keep:
                 shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()
     return root / tag
+
+
+@contextlib.contextmanager
+def _writing(run_dir: Path, tag: str):
+    """A write that fails (full disk, quota, file size limit: torch.save reports these as
+    RuntimeError) becomes one line; the half-written tag goes, and `latest` still names the
+    previous checkpoint, which is complete."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, dist.DistError) or "/gloo/" in str(e) or "Connection closed by peer" in str(e):
+            raise  # another rank failed (and said why): not this rank's write
+        previous = latest_tag(run_dir)
+        if previous != tag:
+            shutil.rmtree(ckpt_root(run_dir) / tag, ignore_errors=True)
+        free = shutil.disk_usage(ckpt_root(run_dir)).free / 2**30
+        cause = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"saving checkpoint {tag} in {ckpt_root(run_dir)} failed ({free:.1f} GiB free there; "
+            f"{cause}): free space or point train.run_root elsewhere, then run the same command to "
+            f"resume from {previous or 'the start'}") from None
 
 
 def load(engine, run_dir: Path, experts=None) -> dict | None:

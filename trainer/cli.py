@@ -4,6 +4,7 @@ import datetime
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,7 +61,19 @@ def _prepare(recipe, repair: bool = False):
     """Prepared data for the recipe; only `kiln prepare` repairs a corrupt cache."""
     from kiln.data.prepare import prepare
 
+    writable_dir(recipe.data.cache_dir, "data.cache_dir")
     return prepare(recipe.data, progress=True, repair=repair)
+
+
+def writable_dir(path, knob: str) -> None:
+    """Create `path` if needed and check that a file can be written there, or name the knob."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{knob}={path} is not a writable folder ({e.strerror or e}): point {knob} "
+                          "at one (--set " + knob + "=DIR)") from None
 
 
 def cmd_config(args) -> int:
@@ -92,6 +105,7 @@ def cmd_train(args) -> int:
         PlacementResult.from_json(recipe.train.placement, recipe.model.moe_layers,
                                   recipe.model.moe.num_experts, recipe.parallel.ep)
     run_dir = Path(recipe.train.run_root) / recipe.train.name
+    writable_dir(recipe.train.run_root, "train.run_root")
     launched = launch.in_launched_world()
     if not launched:
         if recipe.train.device == "cuda":  # before touching the run dir or preparing data
@@ -203,7 +217,7 @@ def cmd_profile_routing(args) -> int:
 
 def main(argv=None) -> int:
     """Console entry point; user errors print one line and return 2."""
-    from kiln.data.errors import DataError
+    from kiln.data.errors import DataError, storage_message
     from kiln.parallel.placement_io import PlacementError
 
     args = _parser().parse_args(argv)
@@ -213,6 +227,11 @@ def main(argv=None) -> int:
                 "profile-routing": cmd_profile_routing}[args.cmd](args)
     except (ConfigError, DataError, CheckpointError, PlacementError) as e:
         print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if storage_message(e) is None:
+            raise
+        print(f"kiln: error: {storage_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kiln: interrupted; everything saved so far is kept", file=sys.stderr)

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kiln.data.errors import DataError
+from kiln.data.errors import DataError, storage_message
 from kiln.trainer.checkpoint import CheckpointError
 from kiln.trainer.config import ConfigError, load_recipe
 from kiln.trainer.launch import watch_parent
@@ -27,6 +27,11 @@ def main(argv=None) -> int:
         train(recipe, run_dir, Path(args.data_dir))
     except (CheckpointError, ConfigError, DataError) as e:  # user errors: one line, no traceback
         print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk while checkpointing, ...
+        if storage_message(e) is None:
+            raise
+        print(f"kiln: error: {storage_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C (torchrun forwards it): `kiln train` reports it once
         return 130

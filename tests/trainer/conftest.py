@@ -41,7 +41,7 @@ def kiln(*args, check=True, timeout=300, **popen):
     """Run the `kiln` CLI in a subprocess (as users do); returns CompletedProcess."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     res = subprocess.run([sys.executable, "-m", "kiln.trainer.cli", *map(str, args)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=timeout, env=env)
+                         capture_output=True, text=True, timeout=timeout, env=env, **popen)
     if check and res.returncode != 0:
         raise AssertionError(f"kiln {' '.join(map(str, args))} failed ({res.returncode}):\n"
                              f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")

@@ -1,5 +1,6 @@
 """The `kiln` command as users meet it: help, and one clear line + exit 2 for each mistake."""
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -59,6 +60,44 @@ def test_unknown_command_and_missing_argument():
 def test_unreadable_corpus_path(small_recipe):
     one_error_line(kiln("prepare", small_recipe, "--set", "data.source=/no/such/corpus.txt", check=False),
                    "/no/such/corpus.txt")
+
+
+def test_unwritable_cache_and_run_folders(small_recipe, tmp_path):
+    """A folder that cannot be created (here: below a regular file, which stops root too) is named
+    with its knob before anything is prepared or any rank starts."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for cmd, knob in (("prepare", "data.cache_dir"), ("train", "data.cache_dir"), ("train", "train.run_root")):
+        res = kiln(cmd, small_recipe, "--set", f"{knob}={blocker}/sub", check=False)
+        one_error_line(res, f"{knob}={blocker}/sub is not a writable folder", f"--set {knob}=DIR")
+    assert blocker.read_text() == ""
+
+
+def _file_size_limit(nbytes):
+    def apply():  # in the child: writes past nbytes fail with EFBIG, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return apply
+
+
+def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(small_recipe, tmp_path):
+    run = tmp_path / "runs" / "small"
+    kiln("train", small_recipe, "--set", "train.steps=3")
+    res = kiln("train", small_recipe, check=False, preexec_fn=_file_size_limit(200_000))
+    one_error_line(res, "saving checkpoint step_00000006", "free space or point train.run_root elsewhere",
+                   "resume from step_00000003")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert not (run / "checkpoints" / "step_00000006").exists()  # the half-written tag is gone
+    again = kiln("train", small_recipe)
+    assert "resuming" in again.stdout and "step_00000003" in again.stdout
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+
+
+def test_prepare_write_failure_is_one_line(small_recipe, tmp_path):
+    res = kiln("prepare", small_recipe, "--set", f"data.cache_dir={tmp_path / 'c'}", check=False,
+               preexec_fn=_file_size_limit(20_000))
+    one_error_line(res, f"writing {tmp_path / 'c'}/data-", "file too large", "run the same command again")
+    assert sorted(os.listdir(tmp_path / "c")) == ["tokenizers"]  # no temp or half-written data folder
 
 
 def test_model_vocab_smaller_than_tokenizer(small_recipe):
