@@ -8,6 +8,7 @@ between runs, machines or Python versions.
 import abc
 import glob
 import hashlib
+import json
 import os
 import socket
 import sysconfig
@@ -189,8 +190,7 @@ def local_corpus(cfg: DataConfig, progress: bool = True) -> DatasetsCorpus:
             ds = datasets.load_dataset(kind, data_files=group, split="train",
                                        cache_dir=str(Path(cfg.cache_dir) / "hf"), **extra)
         except Exception as e:
-            raise DataError(f"cannot read {kind} files {group[:3]}{'...' if len(group) > 3 else ''} "
-                            f"({_first_line(e)}): fix or remove them") from None
+            raise DataError(_unreadable(kind, group, e)) from None
         if kind == "text" and cfg.text_unit != "document":  # blank lines are not documents
             ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
         # `datasets` names the column of plain text files "text" whatever data.text_field says
@@ -226,6 +226,43 @@ def hub_corpus(cfg: DataConfig, progress: bool = True) -> DatasetsCorpus:
         raise DataError(f"cannot load hub dataset {name!r} ({_first_line(e)}): check the name, "
                         "config and network, or use a local path") from None
     return DatasetsCorpus(cfg.source, [(ds, cfg.text_field)], cfg.max_documents)
+
+
+def _unreadable(kind: str, group: list, e: BaseException) -> str:
+    """The message for files `datasets` could not load: the file and line at fault where kiln can
+    find them (datasets names neither for bad UTF-8), and the innermost cause."""
+    cause = e
+    while type(cause).__name__ == "DatasetGenerationError" and (cause.__cause__ or cause.__context__):
+        cause = cause.__cause__ or cause.__context__
+    where = f"{kind} files {group[:3]}{'...' if len(group) > 3 else ''}"
+    for f in group[:1000]:  # the error path only: find the first bad file
+        bad = _first_bad_line(f, kind)
+        if bad:
+            return f"cannot read {f} ({bad}): fix it or remove the file from data.source"
+    hint = " (convert it to UTF-8, e.g. iconv -f latin1 -t utf-8)" if isinstance(cause, UnicodeDecodeError) else ""
+    return f"cannot read {where} ({_first_line(cause)}){hint}: fix or remove them"
+
+
+def _first_bad_line(path: str, kind: str) -> str | None:
+    """'line N: why' for the first line of a .txt/.jsonl file that is not UTF-8 (or not JSON)."""
+    if kind not in ("text", "json"):
+        return None
+    try:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as u:
+                    return (f"line {n} is not UTF-8: byte {raw[u.start]:#04x} at column {u.start + 1}; "
+                            "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8")
+                if kind == "json" and path.endswith(".jsonl") and line.strip():
+                    try:
+                        json.loads(line)
+                    except ValueError as j:
+                        return f"line {n} is not JSON: {j}"
+    except OSError as o:
+        return o.strerror
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -102,6 +102,22 @@ def test_bad_paths_raise_data_error(tmp_path, source, match):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("name, body, match", [
+    ("b.jsonl", b'{"text": "fine"}\n{"text": broken\n', r"b.jsonl \(line 2 is not JSON: "),
+    ("c.txt", "d\u00e9j\u00e0 vu\n".encode("latin-1"), r"c.txt \(line 1 is not UTF-8: byte 0xe9 at column 2; "
+                                                    r"convert the file to UTF-8"),
+])
+def test_unreadable_file_names_the_file_and_line(tmp_path, name, body, match):
+    """`datasets` says only 'An error occurred while generating the dataset' (and for bad UTF-8
+    names no file): kiln finds the file and line among several."""
+    (tmp_path / "a.txt").write_text("a good file\n")
+    (tmp_path / name).write_bytes(body)
+    with pytest.raises(DataError, match=match) as e:
+        open_corpus(DataConfig(source=f"{tmp_path}/a.txt,{tmp_path}/{name}", cache_dir=str(tmp_path / "c")),
+                    progress=False)
+    assert "\n" not in str(e.value) and "remove the file from data.source" in str(e.value)
+
+
 def test_missing_text_field(tmp_path):
     src = write_jsonl(tmp_path / "d.jsonl", ["x", "y"], field="content")
     with pytest.raises(DataError, match="no column 'text'.*content"):
