@@ -141,9 +141,27 @@ def grouped_linear_eager(x: torch.Tensor, w: torch.Tensor, sizes: list, ids) -> 
     first = ids[0] if ids else 0
     # a layer's experts sit in consecutive rows of w (the bank's dispatch order): a view, no copy
     wg = w[first:first + len(ids)] if ids == list(range(first, first + len(ids))) else w[ids]
-    offs = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int32, device=x.device)
+    # CUDA: every group starts on a 16-byte row boundary. The weight gradient contracts over rows,
+    # and the kernel wants each group's first row there (torchtitan pads its token groups alike).
+    # The CPU kernel has no such rule; tests run the padding on CPU through `align`.
+    return _grouped_mm(x, wg, sizes, 16 // x.element_size() if x.device.type == "cuda" else 1)
+
+
+def _grouped_mm(x, wg, sizes: list, align: int):
+    """grouped_mm over groups of `sizes` rows, each padded with zero rows to a multiple of `align`
+    (zero rows add nothing to any gradient; their outputs are dropped)."""
+    padded = [-(-n // align) * align for n in sizes]
+    rows = None
+    if padded != list(sizes):
+        starts = torch.tensor(list(itertools.accumulate([0] + padded[:-1])), device=x.device)
+        counts = torch.tensor(list(sizes), device=x.device)
+        first = counts.cumsum(0) - counts
+        rows = torch.arange(x.shape[0], device=x.device) + \
+            torch.repeat_interleave(starts - first, counts, output_size=x.shape[0])
+        x = x.new_zeros(sum(padded), x.shape[1]).index_copy(0, rows, x)
+    offs = torch.tensor(list(itertools.accumulate(padded)), dtype=torch.int32, device=x.device)
     y = F.grouped_mm(x.contiguous(), wg.transpose(-2, -1), offs=offs)
     if y.requires_grad:
         # grouped_mm's backward rejects an expanded gradient (e.g. from a sum): hand it a dense one
         y.register_hook(lambda g: g.contiguous())
-    return y
+    return y if rows is None else y.index_select(0, rows)

@@ -72,6 +72,7 @@ def _groups(sizes, n, k, dtype, seed):
     ([5, 0, 9, 3], [0, 1, 2, 3]),      # an empty group, ids from 0
     ([4, 7, 2], [3, 4, 5]),            # a later layer's consecutive bank rows (a view of w)
     ([6, 1, 0, 8, 2], [5, 0, 6, 2, 1]),  # any slot order (gathered rows of w)
+    ([4, 8, 0, 12], [0, 1, 2, 3]),     # groups already on 16-byte boundaries: no padding rows
 ])
 def test_grouped_linear_matches_per_group_loop_fp64(sizes, ids):
     """The grouped GEMM (fp32) against the per-group loop in fp64: output and both gradients."""
@@ -92,6 +93,27 @@ def test_grouped_linear_matches_per_group_loop_fp64(sizes, ids):
     torch.testing.assert_close(w32.grad.double(), w64.grad, **tol)
     unused = [e for e in range(w64.shape[0]) if e not in ids]
     assert w32.grad[unused].abs().max() == 0
+
+
+@pytest.mark.parametrize("align", [4, 8])
+def test_grouped_mm_with_groups_padded_to_row_boundaries(align):
+    """The CUDA path pads each group to a multiple of 16 bytes of rows; the same code on CPU."""
+    from kiln.kernels.eager import _grouped_mm
+    from kiln.kernels.moe import grouped_linear_ref
+
+    sizes = [5, 0, 9, 3, 8]
+    x64, w64 = _groups(sizes, 24, 16, torch.float64, seed=11)
+    x32, w32 = (t.float().requires_grad_() for t in (x64, w64))
+    x64.requires_grad_(), w64.requires_grad_()
+    y32 = _grouped_mm(x32, w32[:5], sizes, align)
+    y64 = grouped_linear_ref(x64, w64, sizes, range(5))
+    g = torch.randn(y64.shape, dtype=torch.float64)
+    y32.backward(g.float())
+    y64.backward(g)
+    tol = dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(y32.double(), y64.detach(), **tol)
+    torch.testing.assert_close(x32.grad.double(), x64.grad, **tol)
+    torch.testing.assert_close(w32.grad.double(), w64.grad, **tol)
 
 
 def test_grouped_linear_takes_an_expanded_gradient_and_bf16():
