@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from kiln.data.errors import storage_message
+
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used with this recipe; the message is one line."""
@@ -100,15 +102,27 @@ def _writing(run_dir: Path, tag: str):
     except (OSError, RuntimeError) as e:
         if isinstance(e, dist.DistError) or "/gloo/" in str(e) or "Connection closed by peer" in str(e):
             raise  # another rank failed (and said why): not this rank's write
+        free = shutil.disk_usage(ckpt_root(run_dir)).free / 2**30
+        if not (_storage_failure(e) or free < 1):
+            raise  # not a refused write: a traceback is the honest report
         previous = latest_tag(run_dir)
         if previous != tag:
             shutil.rmtree(ckpt_root(run_dir) / tag, ignore_errors=True)
-        free = shutil.disk_usage(ckpt_root(run_dir)).free / 2**30
         cause = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"saving checkpoint {tag} in {ckpt_root(run_dir)} failed ({free:.1f} GiB free there; "
             f"{cause}): free space or point train.run_root elsewhere, then run the same command to "
             f"resume from {previous or 'the start'}") from None
+
+
+def _storage_failure(e: BaseException) -> bool:
+    """A write the machine refused: an OSError with a storage errno, or torch.save's RuntimeError
+    for one (its stream reports a failed write, not the errno)."""
+    if isinstance(e, OSError):
+        return storage_message(e) is not None
+    text = str(e)
+    return any(k in text for k in ("iostream error", "file write failed", "unexpected pos", "No space left",
+                                    "File too large", "Disk quota"))
 
 
 def load(engine, run_dir: Path, experts=None) -> dict | None:

@@ -153,3 +153,17 @@ def test_compiled_blocks_follow_the_eager_run(small_recipe, tmp_path):
     assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
     for step in ref:  # fused kernels reorder float sums: fp32 agreement, not bitwise
         assert abs(got[step] - ref[step]) < 1e-4 * ref[step], (step, got[step], ref[step])
+
+
+def test_only_refused_writes_count_as_storage_failures():
+    """A failed checkpoint save says 'free space' only for a write the machine refused; any other
+    error keeps its traceback."""
+    import errno
+
+    from kiln.trainer.checkpoint import _storage_failure
+
+    assert _storage_failure(OSError(errno.ENOSPC, "No space left on device"))
+    assert _storage_failure(RuntimeError("basic_ios::clear: iostream error"))  # torch.save, full disk
+    assert _storage_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 7950272 vs 7950160"))
+    assert not _storage_failure(OSError(errno.ENOENT, "No such file or directory"))
+    assert not _storage_failure(RuntimeError("shape mismatch in a bug"))
