@@ -9,12 +9,19 @@ import time
 from pathlib import Path
 
 from kiln.trainer.checkpoint import CheckpointError, check_compatible, latest_tag
-from kiln.trainer.config import ConfigError, check_vocab, from_dict, load_recipe, reference_markdown, to_dict, to_yaml
+from kiln.trainer.config import (ConfigError, check_vocab, did_you_mean, from_dict, load_recipe, reference_markdown,
+                                 to_dict, to_yaml)
+
+
+class _Strict(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kiln", description="kiln: efficient LLM pretraining")
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    ap = argparse.ArgumentParser(prog="kiln", description="kiln: efficient LLM pretraining", allow_abbrev=False)
+    # no abbreviations: a typo such as --no-resum must not pass for --no-resume
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Strict)
 
     def with_recipe(name, help_):
         p = sub.add_parser(name, help=help_, description=help_)
@@ -220,7 +227,15 @@ def main(argv=None) -> int:
     from kiln.data.errors import DataError, storage_message
     from kiln.parallel.placement_io import PlacementError
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse alone says "unrecognized arguments"; name the option the user meant
+        sub = parser._subparsers._group_actions[0].choices[args.cmd]
+        options = [o for a in sub._actions for o in a.option_strings]
+        hint = did_you_mean(extra[0].split("=")[0], options) if extra[0].startswith("-") else ""
+        print(f"kiln: error: kiln {args.cmd} does not take {' '.join(extra)}{hint}: see kiln {args.cmd} --help",
+              file=sys.stderr)
+        return 2
     try:
         return {"train": cmd_train, "prepare": cmd_prepare, "config": cmd_config,
                 "report": cmd_report, "place": cmd_place,

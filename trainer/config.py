@@ -54,7 +54,7 @@ class Recipe:
         "help": "raw DeepSpeed config keys merged over the generated config"})
 
 
-def _did_you_mean(key: str, options) -> str:
+def did_you_mean(key: str, options) -> str:
     close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -98,12 +98,12 @@ def _build(cls, values: dict, where: str):
     for key, value in values.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            raise ConfigError(f"unknown key '{path}'{_did_you_mean(str(key), fields)}")
+            raise ConfigError(f"unknown key '{path}'{did_you_mean(str(key), fields)}")
         value = _coerce(value, hints[key], path)
         choices = fields[key].metadata.get("choices")
         if choices is not None and value not in choices:
             raise ConfigError(f"{path} must be one of {choices}, got {value!r}"
-                              f"{_did_you_mean(str(value), map(str, choices))}")
+                              f"{did_you_mean(str(value), map(str, choices))}")
         kwargs[key] = value
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):

@@ -57,6 +57,15 @@ def test_unknown_command_and_missing_argument():
     assert res.returncode == 2 and "recipe" in res.stderr
 
 
+def test_misspelt_option_names_the_one_meant_and_abbreviations_are_refused(small_recipe, tmp_path):
+    one_error_line(kiln("train", small_recipe, "--nprocs", "2", check=False),
+                   "kiln train does not take --nprocs 2 (did you mean '--nproc'?)")
+    # an abbreviation used to pass: --no-resum moved the run aside as --no-resume does
+    one_error_line(kiln("train", small_recipe, "--no-resum", check=False), "did you mean '--no-resume'?")
+    one_error_line(kiln("place", tmp_path, "--time_limit", "5", check=False), "did you mean '--time-limit'?")
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
 def test_unreadable_corpus_path(small_recipe):
     one_error_line(kiln("prepare", small_recipe, "--set", "data.source=/no/such/corpus.txt", check=False),
                    "/no/such/corpus.txt")
