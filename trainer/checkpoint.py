@@ -36,6 +36,21 @@ def latest_tag(run_dir: Path) -> str | None:
     return f.read_text().strip() if f.is_file() else None
 
 
+def drop_unfinished(run_dir: Path, since: float) -> list[str]:
+    """Remove checkpoint folders newer than `latest` that were written to after `since`: saves
+    this run began and did not finish. For `kiln train` once every rank has exited (a rank that
+    fails mid-save cannot do it: another rank may still be creating the folder). Folders from
+    before `since` stay, e.g. a damaged one the user stepped back from by editing `latest`."""
+    latest = latest_tag(run_dir)
+    newest = int(latest[5:]) if latest and latest[5:].isdigit() else -1
+    gone = []
+    for d in sorted(ckpt_root(run_dir).glob("step_*")):
+        if d.is_dir() and d.name[5:].isdigit() and int(d.name[5:]) > newest and d.stat().st_mtime >= since:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d.name)
+    return gone
+
+
 def saved_recipe(run_dir: Path) -> dict | None:
     """The recipe (plain dict) stored with the newest checkpoint, or None if there is none."""
     tag = latest_tag(run_dir)
@@ -84,10 +99,11 @@ def save(engine, run_dir: Path, step: int, state: dict, recipe_dict: dict, keep:
         engine.save_checkpoint(str(root), tag=tag, client_state={"kiln": state})
     dist.barrier()
     if rank == 0 and keep > 0:
-        tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
-        for old in tags[:-keep]:
-            if old != tag:
-                shutil.rmtree(root / old, ignore_errors=True)
+        # only older tags are pruned: a folder newer than this save (a damaged checkpoint the user
+        # stepped back from) is neither counted nor deleted
+        older = sorted(p.name for p in root.glob("step_*") if p.is_dir() and p.name < tag)
+        for old in older[:max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()
     return root / tag
 
@@ -106,7 +122,7 @@ def _writing(run_dir: Path, tag: str):
         if not (_storage_failure(e) or free < 1):
             raise  # not a refused write: a traceback is the honest report
         previous = latest_tag(run_dir)
-        if previous != tag:
+        if previous != tag:  # best effort: `kiln train` removes what another rank creates after
             shutil.rmtree(ckpt_root(run_dir) / tag, ignore_errors=True)
         cause = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise CheckpointError(

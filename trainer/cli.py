@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kiln.trainer.checkpoint import CheckpointError, check_compatible, latest_tag
+from kiln.trainer.checkpoint import CheckpointError, check_compatible, drop_unfinished, latest_tag
 from kiln.trainer.config import (ConfigError, check_vocab, did_you_mean, from_dict, load_recipe, reference_markdown,
                                  to_dict, to_yaml)
 
@@ -141,7 +141,10 @@ def cmd_train(args) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
     print(f"kiln: run dir {run_dir}, {recipe.train.nproc} local ranks", flush=True)
+    started = time.time()
     rc = launch.launch_local(recipe.train.nproc, run_dir, data.dir, recipe.train.device)
+    if rc != 0:  # every rank has exited: a save this run began and did not finish can go
+        drop_unfinished(run_dir, started)
     if rc == 0:
         _print_where(run_dir, recipe)
     elif rc == 130:

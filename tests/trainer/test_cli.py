@@ -91,15 +91,25 @@ def _file_size_limit(nbytes):
 
 def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(small_recipe, tmp_path):
     run = tmp_path / "runs" / "small"
-    kiln("train", small_recipe, "--set", "train.steps=3")
+    ckpts = run / "checkpoints"
+    kiln("train", small_recipe, "--set", "train.steps=3", "--set", "checkpoint.every=1",
+         "--set", "checkpoint.keep=2")
+    # a damaged newer checkpoint the user stepped back from by editing `latest`
+    (ckpts / "step_00000009").mkdir()
+    (ckpts / "step_00000009" / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    os.utime(ckpts / "step_00000009", (time.time() - 60, time.time() - 60))
     res = kiln("train", small_recipe, check=False, preexec_fn=_file_size_limit(200_000))
     one_error_line(res, "saving checkpoint step_00000006", "free space or point train.run_root elsewhere",
                    "resume from step_00000003")
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
-    assert not (run / "checkpoints" / "step_00000006").exists()  # the half-written tag is gone
-    again = kiln("train", small_recipe)
+    assert (ckpts / "latest").read_text().strip() == "step_00000003"
+    # the half-written tag is gone (kiln train removes it once every rank has exited: the rank
+    # that failed cannot, another may still be creating the folder); older saves stay
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002", "step_00000003", "step_00000009"]
+    again = kiln("train", small_recipe, "--set", "checkpoint.keep=2")
     assert "resuming" in again.stdout and "step_00000003" in again.stdout
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert (ckpts / "latest").read_text().strip() == "step_00000006"
+    # pruning keeps the 2 newest up to the new save and never touches the newer folder
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000003", "step_00000006", "step_00000009"]
 
 
 def test_prepare_write_failure_is_one_line(small_recipe, tmp_path):
