@@ -112,7 +112,10 @@ def launch_local(nproc: int, run_dir: Path, data_dir: Path, device: str = "auto"
         except KeyboardInterrupt:  # torchrun forwards the signal to the ranks; keep draining
             relay.interrupted = True
     rc = proc.wait()
-    return relay.finish(rc)
+    from kiln.trainer.checkpoint import latest_tag
+
+    tag = latest_tag(run_dir)
+    return relay.finish(rc, f"the newest checkpoint, {tag}, is kept" if tag else "no checkpoint was saved yet")
 
 
 def _cuda_available() -> bool:
@@ -155,10 +158,19 @@ def watch_parent(interval: float = 0.1) -> None:
 class _Relay:
     """Passes the ranks' stderr through as it comes, each distinct `kiln: error:` line once (every
     rank may report the same user error). torchrun's own failure report (its traceback and a
-    table of the ranks), and anything after a rank's error line, is held back and shown only if no
-    rank explained the failure itself."""
+    table of the ranks), a rank's traceback, and anything after either or after a rank's error
+    line, is held back: shown at the end only if no rank's error line and no killing signal
+    explains the failure."""
 
-    REPORT = re.compile(r"^E\d{4} .*failed \(exitcode")
+    REPORT = re.compile(r"^E\d{4} .*failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
+    # a rank's uncaught exception (torch prefixes it): when a peer was killed it is the survivor's
+    # lost connection, shown only if no signal explains the failure
+    RANK_TRACEBACK = re.compile(r"^\[rank\d+\]: Traceback")
+    STOPPING = re.compile(r"^W\d{4} .*closing signal")  # torchrun stopping the other ranks: the start of its report
+    HINTS = {"SIGKILL": "the out-of-memory killer does this: check `dmesg`, then lower train.micro_batch "
+                        "or run fewer ranks",
+             "SIGSEGV": "a crash in native code", "SIGBUS": "a crash in native code (or /dev/shm full)",
+             "SIGABRT": "a crash in native code"}
 
     def __init__(self):
         self.errors, self.held = [], []
@@ -171,19 +183,32 @@ class _Relay:
                 if line not in self.errors:
                     self.errors.append(line)
                     self._write(line)
-            elif self.held or self.interrupted or self.errors or self.REPORT.match(line):
+            elif self.held or self.interrupted or self.errors or self.REPORT.match(line) \
+                    or self.STOPPING.match(line) or self.RANK_TRACEBACK.match(line):
                 # after a rank's error line what follows is shutdown noise (torchrun stopping the
                 # other ranks, its report); it is shown only if the run ends with no error line
                 self.held.append(line)
             else:
                 self._write(line)
 
-    def finish(self, rc: int) -> int:
-        """The exit code for `kiln train`: 2 after a user error, 130 after Ctrl-C."""
+    def finish(self, rc: int, kept: str = "") -> int:
+        """The exit code for `kiln train`: 2 after a user error, 130 after Ctrl-C. A rank killed by
+        a signal (the OOM killer, a native crash) prints no word of its own: one line says which
+        and what `kept` (the checkpoint a rerun resumes from), instead of torchrun's traceback."""
         if rc != 0 and self.errors:
             return 2  # the ranks said what to fix
         if self.interrupted:
             return 130
+        first = next((m for m in map(self.REPORT.match, self.held) if m), None)  # torchrun's root cause
+        if rc != 0 and first and int(first[1]) < 0:
+            try:
+                sig = signal.Signals(-int(first[1])).name
+            except ValueError:
+                sig = f"signal {-int(first[1])}"
+            hint = f" ({self.HINTS[sig]})" if sig in self.HINTS else ""
+            self._write(f"kiln: error: rank {first[2]} was killed by {sig}{hint}; {kept or 'see above'}: "
+                        "run the same command to resume\n")
+            return rc
         self._write("".join(self.held))
         return rc
 

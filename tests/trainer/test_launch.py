@@ -68,6 +68,23 @@ def test_relay_one_line_per_user_error_and_no_launcher_report(capsys):
     assert rc == 2 and out == "step 1\n" + err.decode()
 
 
+def test_relay_names_a_rank_killed_by_a_signal(capsys):
+    killed = (b"W1201 16:35:35.225000 5468 torch/distributed/elastic/multiprocessing/api.py:1028] "
+              b"Sending process 5470 closing signal SIGTERM\n"
+              b"E1201 16:35:35.258000 5468 torch/distributed/elastic/multiprocessing/api.py:1002] "
+              b"failed (exitcode: -9) local_rank: 1 (pid: 5471) of binary: python\n"
+              b"Traceback (most recent call last):\nChildFailedError:\n")
+    import io
+    r = _Relay()
+    r.pump(io.BytesIO(b"step 1\n" + killed))
+    assert r.finish(1, "the newest checkpoint, step_00000004, is kept") == 1
+    assert capsys.readouterr().err == (
+        "step 1\n"
+        "kiln: error: rank 1 was killed by SIGKILL (the out-of-memory killer does this: check `dmesg`, then "
+        "lower train.micro_batch or run fewer ranks); the newest checkpoint, step_00000004, is kept: run the "
+        "same command to resume\n")
+
+
 def test_relay_shows_the_report_when_a_rank_crashed(capsys):
     crash = b"[rank0]: Traceback (most recent call last):\n[rank0]: ZeroDivisionError: boom\n"
     rc, out = _relay(b"step 1\n" + crash + AGENT_REPORT, 1, capsys)

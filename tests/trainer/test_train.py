@@ -114,6 +114,32 @@ def test_ctrl_c_stops_every_rank_with_one_line(small_recipe, tmp_path):
     assert not _live_processes(f"--run-dir {run}")
 
 
+def test_a_rank_killed_by_the_oom_killer_gets_one_line(small_recipe, tmp_path):
+    """SIGKILL to one rank (what the out-of-memory killer sends): the rank says nothing itself,
+    so `kiln train` names it, the likely cause and the checkpoint to resume from, in place of
+    torchrun's traceback and report."""
+    run = tmp_path / "runs" / "oom"
+    cmd = [sys.executable, "-m", "kiln.trainer.cli", "train", str(small_recipe), "--set", "train.steps=100000",
+           "--set", "checkpoint.every=2", "--set", "train.name=oom"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / "checkpoints" / "latest").exists():
+        time.sleep(0.05)
+    ranks = [p for p in _live_processes(f"--run-dir {run}")  # torchrun's own command line holds it too
+             if b"kiln.trainer.torchrun" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(ranks) == 2, ranks
+    os.kill(max(ranks), signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert [x for x in lines if "rror" in x] == [lines[-1]], err  # one error line, and the last
+    assert lines[-1].startswith("kiln: error: rank ") and "was killed by SIGKILL (the out-of-memory killer" in lines[-1]
+    assert "the newest checkpoint, step_" in lines[-1] and lines[-1].endswith("run the same command to resume")
+    assert "Traceback" not in err and "ChildFailedError" not in err
+    assert not _live_processes(f"--run-dir {run}")
+
+
 def test_sequence_parallel_run_follows_the_single_rank_run(small_recipe, tmp_path):
     # the same global batch (one data-parallel rank) split over 2 sequence ranks, or not at all
     kiln("train", small_recipe, "--nproc", "1", "--set", "train.name=sp1")
