@@ -18,9 +18,9 @@ has the whole step):
     place into one output (multiply, then addcmul_) instead of six temporaries and a cat: 0.46 ->
     0.23 ms per call at [8, 256, 4, 64], ~3 ms of ~237 in the step (interleaved A/B, 16 steps).
   * MoE experts: one grouped GEMM (torch's grouped_mm) over all of a layer's experts instead of
-    one GEMM per expert, where grouped_mm takes the dtype and device (CPU fp32/bf16, CUDA bf16 on
-    sm80+); elsewhere (fp64, older GPUs) the per-expert loop. Forward + backward of moe_tiny's
-    three expert GEMMs: see docs/moe.md.
+    one GEMM per expert, where grouped_mm takes the operands (rows of 16-byte multiples; CPU
+    fp32/bf16, CUDA bf16 on sm80+); elsewhere (fp64, odd widths, older GPUs) the per-expert loop.
+    Measured: docs/moe.md.
 Tried and dropped: RoPE as two full-width multiplies against [cos, cos] / [-sin, sin] is faster
 alone (2.5 -> 1.8 ms) but slower inside the step (+15 ms); F.rms_norm (no faster than the
 reference here).
@@ -124,7 +124,9 @@ def _grouped_mm_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     fp32 or bf16 on CPU, bf16 on CUDA sm80+."""
     if x.dtype != w.dtype or x.shape[0] == 0:
         return False
-    if any(n * x.element_size() % 16 for n in (x.shape[1], w.shape[1])) or x.data_ptr() % 16 or w.data_ptr() % 16:
+    if any(n * x.element_size() % 16 for n in (x.shape[1], w.shape[1])):
+        return False
+    if x.data_ptr() % 16 or w.data_ptr() % 16:
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)

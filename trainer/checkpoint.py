@@ -36,19 +36,16 @@ def latest_tag(run_dir: Path) -> str | None:
     return f.read_text().strip() if f.is_file() else None
 
 
-def drop_unfinished(run_dir: Path, since: float) -> list[str]:
+def drop_unfinished(run_dir: Path, since: float) -> None:
     """Remove checkpoint folders newer than `latest` that were written to after `since`: saves
     this run began and did not finish. For `kiln train` once every rank has exited (a rank that
     fails mid-save cannot do it: another rank may still be creating the folder). Folders from
     before `since` stay, e.g. a damaged one the user stepped back from by editing `latest`."""
     latest = latest_tag(run_dir)
     newest = int(latest[5:]) if latest and latest[5:].isdigit() else -1
-    gone = []
-    for d in sorted(ckpt_root(run_dir).glob("step_*")):
+    for d in ckpt_root(run_dir).glob("step_*"):
         if d.is_dir() and d.name[5:].isdigit() and int(d.name[5:]) > newest and d.stat().st_mtime >= since:
             shutil.rmtree(d, ignore_errors=True)
-            gone.append(d.name)
-    return gone
 
 
 def saved_recipe(run_dir: Path) -> dict | None:

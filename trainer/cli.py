@@ -80,7 +80,7 @@ def writable_dir(path, knob: str) -> None:
             pass
     except OSError as e:
         raise ConfigError(f"{knob}={path} is not a writable folder ({e.strerror or e}): point {knob} "
-                          "at one (--set " + knob + "=DIR)") from None
+                          f"at one (--set {knob}=DIR)") from None
 
 
 def cmd_config(args) -> int:
@@ -247,9 +247,9 @@ def main(argv=None) -> int:
         print(f"kiln: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if storage_message(e) is None:
+        if (line := storage_message(e)) is None:
             raise
-        print(f"kiln: error: {storage_message(e)}", file=sys.stderr)
+        print(f"kiln: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kiln: interrupted; everything saved so far is kept", file=sys.stderr)

@@ -29,9 +29,9 @@ def main(argv=None) -> int:
         print(f"kiln: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk while checkpointing, ...
-        if storage_message(e) is None:
+        if (line := storage_message(e)) is None:
             raise
-        print(f"kiln: error: {storage_message(e)}", file=sys.stderr)
+        print(f"kiln: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C (torchrun forwards it): `kiln train` reports it once
         return 130

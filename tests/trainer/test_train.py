@@ -95,15 +95,21 @@ def test_kill_and_resume_equals_uninterrupted(small_recipe, tmp_path):
     assert got == ref  # exactly the same curve, step for step
 
 
-def test_ctrl_c_stops_every_rank_with_one_line(small_recipe, tmp_path):
-    run = tmp_path / "runs" / "ctrlc"
-    cmd = [sys.executable, "-m", "kiln.trainer.cli", "train", str(small_recipe), "--set", "train.steps=100000",
-           "--set", "checkpoint.every=2", "--set", "train.name=ctrlc"]
+def _endless_run(recipe, run: Path) -> subprocess.Popen:
+    """`kiln train` in its own session (stderr piped), returned once its first checkpoint exists."""
+    cmd = [sys.executable, "-m", "kiln.trainer.cli", "train", str(recipe), "--set", "train.steps=100000",
+           "--set", "checkpoint.every=2", "--set", f"train.name={run.name}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and not (run / "checkpoints" / "latest").exists():
         time.sleep(0.05)
+    return proc
+
+
+def test_ctrl_c_stops_every_rank_with_one_line(small_recipe, tmp_path):
+    run = tmp_path / "runs" / "ctrlc"
+    proc = _endless_run(small_recipe, run)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -119,13 +125,7 @@ def test_a_rank_killed_by_the_oom_killer_gets_one_line(small_recipe, tmp_path):
     so `kiln train` names it, the likely cause and the checkpoint to resume from, in place of
     torchrun's traceback and report."""
     run = tmp_path / "runs" / "oom"
-    cmd = [sys.executable, "-m", "kiln.trainer.cli", "train", str(small_recipe), "--set", "train.steps=100000",
-           "--set", "checkpoint.every=2", "--set", "train.name=oom"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (run / "checkpoints" / "latest").exists():
-        time.sleep(0.05)
+    proc = _endless_run(small_recipe, run)
     ranks = [p for p in _live_processes(f"--run-dir {run}")  # torchrun's own command line holds it too
              if b"kiln.trainer.torchrun" not in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert len(ranks) == 2, ranks
