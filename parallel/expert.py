@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kiln import kernels
-from kiln.parallel.placement_io import PlacementError, check_placement
+from kiln.parallel.placement.io import PlacementError, check_placement
 
 
 class A2AStats:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from kiln.parallel.expert import ExpertLayout
-from kiln.parallel.placement_io import PlacementError
+from kiln.parallel.placement.io import PlacementError
 
 WEIGHTS = ("w1", "w3", "w2")
 FORMAT = "kiln-experts-v1"

@@ -5,7 +5,7 @@ Forward hooks on the MoE blocks' routers (the block protocol: `block.router(x)` 
 on the device and without synchronising,
   * load[l, e]       token-choices routed to expert e of MoE layer l;
   * trans[l, e, f]   pairs (choice e in layer l, choice f in layer l+1) of the same token, all k*k
-                     of them (kiln.parallel.placement_io's convention);
+                     of them (kiln.parallel.placement.io's convention);
 choices dropped by a capacity limit (expert_idx == E) are not counted. Two windows run side by
 side: one for the logged metrics (reset at each log), one for the saved profile (reset at each
 save). The cost per step is two bincounts per layer. `snapshot` sums the counts over all ranks.
@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from kiln.parallel.expert import moe_blocks
-from kiln.parallel.placement_io import RoutingProfile
-from kiln.parallel.placement_metrics import rank_loads, rank_traffic
+from kiln.parallel.placement.io import RoutingProfile
+from kiln.parallel.placement.metrics import rank_loads, rank_traffic
 
 PROFILE_DIR = "profiles"
 LATEST = "routing_latest.npz"

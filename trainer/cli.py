@@ -107,7 +107,7 @@ def cmd_train(args) -> int:
         recipe.train.nproc = args.nproc
         recipe = from_dict(to_dict(recipe))  # re-check combinations with the new rank count
     if recipe.train.placement not in ("contiguous", "auto"):  # a placement.json: check it fits
-        from kiln.parallel.placement_io import PlacementResult
+        from kiln.parallel.placement.io import PlacementResult
 
         PlacementResult.from_json(recipe.train.placement, recipe.model.moe_layers,
                                   recipe.model.moe.num_experts, recipe.parallel.ep)
@@ -228,7 +228,7 @@ def cmd_profile_routing(args) -> int:
 def main(argv=None) -> int:
     """Console entry point; user errors print one line and return 2."""
     from kiln.data.errors import DataError, storage_message
-    from kiln.parallel.placement_io import PlacementError
+    from kiln.parallel.placement.io import PlacementError
 
     parser = _parser()
     args, extra = parser.parse_known_args(argv)

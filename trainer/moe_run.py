@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 from kiln.parallel.expert import A2A_STATS, apply_expert_parallel, contiguous_placement, moe_blocks
 from kiln.parallel.placement import place
-from kiln.parallel.placement_io import PlacementError, PlacementResult
-from kiln.parallel.placement_metrics import CostModel, Topology
+from kiln.parallel.placement.io import PlacementError, PlacementResult
+from kiln.parallel.placement.metrics import CostModel, Topology
 from kiln.parallel.routing import RoutingProfiler, placement_quality, save_profile, wandb_heatmaps
 from kiln.trainer.checkpoint import CheckpointError, ckpt_root, latest_tag
 

@@ -13,8 +13,8 @@ import yaml
 
 from kiln.parallel.expert import contiguous_placement, moe_blocks
 from kiln.parallel.placement import place
-from kiln.parallel.placement_io import PlacementError, RoutingProfile
-from kiln.parallel.placement_metrics import Topology, evaluate
+from kiln.parallel.placement.io import PlacementError, RoutingProfile
+from kiln.parallel.placement.metrics import Topology, evaluate
 from kiln.parallel.routing import RoutingProfiler, latest_profile, placement_quality, save_profile
 from kiln.trainer.checkpoint import ckpt_root, latest_tag
 from kiln.trainer.config import ConfigError, from_dict, load_recipe

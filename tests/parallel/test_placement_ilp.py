@@ -7,10 +7,10 @@ import pytest
 
 from kiln.parallel.placement import (CostModel, PlacementError, Topology, balance_objective,
                                      chain_objective, check_placement, place, synthetic_profile)
-from kiln.parallel.placement_chain import assign_step, stage2_chain, sigma_to_placement
-from kiln.parallel.placement_ilp import stage1_clusters
-from kiln.parallel.placement_metrics import pair_cost
-from kiln.parallel.placement_mip import hungarian
+from kiln.parallel.placement.stage2_chain import assign_step, stage2_chain, sigma_to_placement
+from kiln.parallel.placement.stage1_clusters import stage1_clusters
+from kiln.parallel.placement.metrics import pair_cost
+from kiln.parallel.placement.mip import hungarian
 
 # (L, E, R, nodes): small enough that every placement can be listed (R^(L*E) <= 531441).
 TINY = [(2, 4, 2, 1), (3, 4, 2, 1), (2, 6, 3, 1), (2, 4, 4, 2), (2, 8, 2, 2)]

@@ -1,4 +1,4 @@
-"""kiln's stage 3 (placement_refine): constraints, never worse than the plain ILP, and equal to a
+"""kiln's stage 3 (parallel/placement/stage3_refine.py): constraints, never worse than the plain ILP, and equal to a
 brute-force optimum over every valid placement on instances small enough to enumerate."""
 import itertools
 
@@ -7,7 +7,7 @@ import pytest
 
 from kiln.parallel.placement import (CostModel, PlacementError, Topology, check_placement, evaluate,
                                      place, synthetic_profile)
-from kiln.parallel.placement_refine import layer_caps, refine, refine_local, traffic
+from kiln.parallel.placement.stage3_refine import layer_caps, refine, refine_local, traffic
 
 # (L, E, R, nodes): R^(L*E) <= 531441 placements to enumerate.
 TINY = [(2, 4, 2, 1), (3, 4, 2, 1), (2, 6, 3, 1), (2, 4, 4, 2), (2, 8, 2, 2)]

@@ -1,7 +1,7 @@
 """MoETuner stage 2: place each layer's clusters on ranks, chained over layers.
 
 State: sigma[l][r] = the stage-1 slot whose layer-l cluster sits on rank r. Cost of a layer pair =
-sum of rank-pair traffic/bandwidth + w * the largest rank-pair cost (``placement_metrics.pair_cost``).
+sum of rank-pair traffic/bandwidth + w * the largest rank-pair cost (``metrics.pair_cost``).
 Every move keeps the memory balance exact (each rank keeps L*E/R experts):
   * segment assignment over layers [a, b): rank r takes rank q's holdings in [a, b) when both hold
     equally many experts there. Given the layers outside the segment, only the two boundary pairs
@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 
-from kiln.parallel.placement_mip import Rows, gap, hungarian
-from kiln.parallel.placement_metrics import one_hot, pair_cost
+from kiln.parallel.placement.mip import Rows, gap, hungarian
+from kiln.parallel.placement.metrics import one_hot, pair_cost
 
 
 def assign_step(prev_t, next_t, link: np.ndarray, weight: float, allowed: np.ndarray,

@@ -28,9 +28,9 @@ import time
 
 import numpy as np
 
-from kiln.parallel.placement_io import PlacementError
-from kiln.parallel.placement_metrics import one_hot
-from kiln.parallel.placement_mip import Rows, gap
+from kiln.parallel.placement.io import PlacementError
+from kiln.parallel.placement.metrics import one_hot
+from kiln.parallel.placement.mip import Rows, gap
 
 
 # ----------------------------------------------------------------------------------- stage 1

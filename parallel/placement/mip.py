@@ -8,7 +8,7 @@ import time
 import highspy
 import numpy as np
 
-from kiln.parallel.placement_io import PlacementError
+from kiln.parallel.placement.io import PlacementError
 
 
 def solve_mip(cost, lower, upper, integer, rows, cols, vals, row_lo, row_hi,

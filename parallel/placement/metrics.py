@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from kiln.parallel.placement_io import PlacementError, RoutingProfile, check_placement
+from kiln.parallel.placement.io import PlacementError, RoutingProfile, check_placement
 
 
 @dataclass

@@ -11,12 +11,12 @@ Strategies:
   * ``round_robin`` expert e of layer l on rank (l*E + e) % R (= e % R when R | E).
   * ``greedy_lpt``  per layer, heaviest expert first onto the least-loaded rank that still has a
                     free slot; slots per rank and layer as in round_robin, so memory stays balanced.
-  * ``ilp``         MoETuner's two stages: balanced clustering (``placement_ilp``), then the
-                    clusters' placement on ranks chained over layers (``placement_chain``).
+  * ``ilp``         MoETuner's two stages: balanced clustering (``stage1_clusters``), then the
+                    clusters' placement on ranks chained over layers (``stage2_chain``).
                     ``align=True`` adds kiln's traffic-aware re-clustering within the gap slack;
                     ``max_per_rank_layer=E/R`` forces equal expert counts per rank and layer,
                     which gives up some balance but leaves stage 2 free to keep traffic local.
-                    ``refine=True`` adds kiln's stage 3 (``placement_refine``): single-expert
+                    ``refine=True`` adds kiln's stage 3 (``stage3_refine``): single-expert
                     moves and swaps, then a joint MIP on small models, that cut the cross-rank
                     traffic while every layer keeps balancedness >= min(min_balance, its ILP
                     value); never worse than the plain ILP's traffic.
@@ -27,13 +27,13 @@ import time
 
 import numpy as np
 
-from kiln.parallel.placement_chain import sigma_to_placement, stage2_chain
-from kiln.parallel.placement_ilp import check_feasible, stage1_clusters
-from kiln.parallel.placement_io import (PlacementError, PlacementResult, RoutingProfile,
+from kiln.parallel.placement.stage2_chain import sigma_to_placement, stage2_chain
+from kiln.parallel.placement.stage1_clusters import check_feasible, stage1_clusters
+from kiln.parallel.placement.io import (PlacementError, PlacementResult, RoutingProfile,
                                         check_placement, synthetic_profile)
-from kiln.parallel.placement_metrics import (CostModel, PlacementMetrics, Topology,
+from kiln.parallel.placement.metrics import (CostModel, PlacementMetrics, Topology,
                                              balance_objective, chain_objective, evaluate)
-from kiln.parallel.placement_refine import refine as refine_traffic
+from kiln.parallel.placement.stage3_refine import refine as refine_traffic
 
 STRATEGIES = ("contiguous", "round_robin", "greedy_lpt", "ilp")
 
@@ -116,7 +116,7 @@ def place(profile: RoutingProfile, strategy: str = "ilp", topo: Topology | None 
 
     ``time_limit`` (s), ``mip_rel_gap``, ``align``, ``refine`` and ``min_balance`` apply to ``ilp``; it returns the best feasible
     placement found in time, with the stage-1 gap in ``result.solver['gap']``. ``align=False`` is
-    the paper's balance-only stage 1 (see ``placement_ilp``).
+    the paper's balance-only stage 1 (see ``stage1_clusters``).
     Infeasible requests raise PlacementError with one line.
     """
     topo = topo or Topology()

@@ -4,8 +4,8 @@ A *routing profile* records how tokens were routed through the MoE layers of a m
 representative sample; a *placement* is an integer array ``[L, E]`` giving the expert-parallel
 rank that holds expert ``e`` of MoE layer ``l``. This module holds the data types, the
 independent validity checker, the synthetic profile generator and the file formats; the
-solvers live in ``kiln.parallel.placement`` / ``placement_ilp`` and the metrics in
-``placement_metrics``.
+solvers live in ``kiln.parallel.placement.strategies`` and its stages, and the metrics in
+``kiln.parallel.placement.metrics``.
 
 Counting convention (top-k routing, k >= 1):
   * ``load[l, e]`` counts token-choices: a token that picks experts {a, b} in layer l adds 1 to

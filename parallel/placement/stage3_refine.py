@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from kiln.parallel.placement_mip import Rows, gap
+from kiln.parallel.placement.mip import Rows, gap
 
 JOINT_MAX_COLS = 2000      # joint MIP only up to this many variables: beyond, its weak LP bound
 #                            does not move within seconds and HiGHS overran its time limit
