@@ -35,7 +35,7 @@ from kiln.data.bucket_loader import build_bucket_loader
 from kiln.data.decompose import Decomposed, bucket_dir, read_documents
 from kiln.data.loader import ChunkLoader
 from kiln.trainer.engine import lr_lambda
-from kiln.trainer.model import ModelConfig, Transformer, matmul_params
+from kiln.model import ModelConfig, Transformer, attention_flops, matmul_params
 from kiln.trainer.objectives import CausalLM
 
 
@@ -56,11 +56,6 @@ def window_pairs(starts, ends, window: int, n_windows: int) -> tuple[float, floa
         seg = np.minimum(ends[lo:hi], b) - np.maximum(starts[lo:hi], a)
         need += pairs(seg[seg > 0])
     return full, need
-
-
-def attention_flops(cfg: ModelConfig, n_pairs: float) -> float:
-    """Training FLOPs of attention: QK^T and PV, 2 * head_dim each per pair and head, x3 for bwd."""
-    return 3 * 4 * cfg.head_dim * cfg.n_heads * cfg.n_layers * n_pairs
 
 
 def histogram_table(p, dec, hi: int) -> dict:

@@ -1,6 +1,6 @@
 """Measured all-to-all time of kiln's expert-parallel dispatch on gloo, one figure per placement.
 
-R gloo ranks each run L real MoE blocks (kiln.trainer.moe) sharded by
+R gloo ranks each run L real MoE blocks (kiln.model.moe) sharded by
 kiln.parallel.expert.apply_expert_parallel, forward + backward, with their routers replaced by a
 replay of token routes sampled from a RoutingProfile (each layer's expert popularity; every rank
 its own tokens, the same tokens for every placement). kiln.parallel.expert.A2A_STATS times the
@@ -40,7 +40,7 @@ def _worker(rank, world, load, top_k, placements, dim, ffn, tokens, repeats, see
     from torch import nn
 
     from kiln.parallel.expert import A2A_STATS, apply_expert_parallel
-    from kiln.trainer.moe import MoE, MoEConfig
+    from kiln.model.moe import MoE, MoEConfig
 
     class Replay(nn.Module):
         """Stands in for a router: returns this rank's pre-sampled routes."""

@@ -112,7 +112,7 @@ def run_kiln(cfg, batches, lr, compile_blocks=False):
     from kiln.trainer.config import Recipe
     from kiln.trainer.engine import build_engine
     from kiln.trainer.loop import init_distributed
-    from kiln.trainer.model import Transformer
+    from kiln.model import Transformer
     from kiln.trainer.objectives import CausalLM
 
     init_distributed(torch.device("cpu"))
@@ -180,7 +180,7 @@ def main():
         env = dict(os.environ, **MALLOC_TUNED)
         os.execve(sys.executable, [sys.executable, *sys.argv], env)  # glibc reads them at start
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from kiln.trainer.model import ModelConfig, flops_per_token
+    from kiln.model import ModelConfig, flops_per_token
     from kiln.trainer.monitor import measure_cpu_peak
 
     threads = torch.get_num_threads()

@@ -18,7 +18,7 @@ Dispatch of one MoE layer (all sizes exchanged, so any placement works):
 The all-to-all is an autograd Function (its backward is the reverse all-to-all), and uses only
 torch.distributed.all_to_all_single, so gloo (CPU) and NCCL (GPU) run the same code.
 
-The model is reached through the MoE block protocol (see kiln.trainer.moe's docstring): blocks
+The model is reached through the MoE block protocol (see kiln.model.moe's docstring): blocks
 with `router`, `experts`, `expert_compute` and `num_experts`. This file never imports the model.
 """
 import time
@@ -214,8 +214,8 @@ def apply_expert_parallel(model: nn.Module, ep_group, placement=None) -> ExpertP
 
     placement: [L, E] rank ids (None = contiguous). Every rank must call this with the same
     placement and the same initial weights (same seed): each keeps its own experts' rows in a new
-    `model.expert_bank` and drops the blocks' full expert weights. A model built under
-    kiln.trainer.moe.deferred_experts() has no full expert weights: each rank then builds only its
+    `model.expert_bank` and drops the blocks' full expert weights. A model built with
+    expert_device="meta" (kiln.model.Transformer) has no full expert weights: each rank then builds only its
     own experts from their seeds (`experts.expert_init(e)`), the same values. Returns (and stores
     as `model.kiln_ep`) the handle used by migrate() and the checkpoint helpers.
     """

@@ -16,10 +16,11 @@ from omegaconf.errors import OmegaConfBaseException
 from kiln.data.config import DataConfig
 from kiln.growth.config import GrowthConfig
 from kiln.kernels.config import KernelsConfig
+from kiln.model.config import ModelConfig
 from kiln.parallel.config import ParallelConfig
 from kiln.slurm.config import SlurmConfig
-from kiln.trainer.sections import (CheckpointConfig, LoggingConfig, ModelConfig, ObjectiveConfig,
-                                   OptimConfig, ScheduleConfig, TrainConfig)
+from kiln.trainer.sections import (CheckpointConfig, LoggingConfig, ObjectiveConfig, OptimConfig, ScheduleConfig,
+                                   TrainConfig)
 
 
 class ConfigError(Exception):

@@ -15,6 +15,7 @@ schedule's progress step / train.steps equals tokens seen / total tokens: keying
 keying it to tokens (train.steps x train.tokens_per_step is the run's token budget).
 """
 from kiln.data.bucket_loader import check_layout, uses_sp
+from kiln.model import attention_flops, causal_pairs, flops_per_token
 
 
 def tokens_per_step(recipe, world: int) -> int:
@@ -36,14 +37,6 @@ def check_recipe(recipe, world: int | None = None) -> None:
                              "hold micro_batch x grad_accum x ranks x data.seq_len tokens: remove it")
         return
     check_layout(tokens_per_step(recipe, world), d.buckets, world, p.sp, p.sp_min_len, t.grad_accum)
-
-
-def attention_flops(model_cfg, rows: int, seq_len: int) -> float:
-    """Training FLOPs (forward + backward = 3x forward) of causal attention over rows x seq_len:
-    QK^T and PV each cost 2 * head_dim FLOPs per (query, key) pair, and a causal row of length
-    L has L(L+1)/2 pairs. Exact for a kernel that skips the masked half; no document masks."""
-    pairs = rows * seq_len * (seq_len + 1) / 2
-    return 3 * 2 * 2 * model_cfg.head_dim * model_cfg.n_heads * model_cfg.n_layers * pairs
 
 
 class DecomposeRun:
@@ -93,8 +86,6 @@ class DecomposeRun:
 
     def step_done(self, step: int, done: int, seconds: float, monitor) -> None:
         """Record step `step` (now `done` steps are done), which took `seconds` on this rank."""
-        from kiln.trainer.model import flops_per_token
-
         plan = self.loader.plan(step)
         w = self._window.setdefault(plan.bucket, [0.0, 0.0, 0.0])
         w[0] += self.tokens_per_step
@@ -102,7 +93,7 @@ class DecomposeRun:
         w[2] += self.tokens_per_step * flops_per_token(self.model_cfg, plan.seq_len)
         monitor.log({"step": done, "vsl/bucket": plan.bucket, "vsl/seq_len": plan.seq_len,
                      "vsl/batch_size": plan.rows, "vsl/sp": plan.sp,
-                     "vsl/attn_flops": attention_flops(self.model_cfg, plan.rows, plan.seq_len),
+                     "vsl/attn_flops": attention_flops(self.model_cfg, causal_pairs(plan.rows, plan.seq_len)),
                      "vsl/step_s": seconds})
 
     def flops_per_token(self) -> float:

@@ -19,8 +19,7 @@ from kiln.trainer.config import check_vocab, to_dict
 from kiln.trainer.decompose_run import DecomposeRun
 from kiln.trainer.engine import build_engine
 from kiln.trainer.launch import check_cuda
-from kiln.trainer.model import Transformer, count_params, flops_per_token
-from kiln.trainer.moe import deferred_experts
+from kiln.model import Transformer, count_params, flops_per_token
 from kiln.trainer.moe_run import MoERun, expert_checkpoint, resume_placement
 from kiln.trainer.monitor import Monitor, fmt_eta, memory_gb, peak_flops
 from kiln.trainer.objectives import build_objective
@@ -83,8 +82,8 @@ def train(recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> None:
     data = Prepared.load(data_dir)
     model_cfg = resolve_model(recipe, data.vocab_size)
     torch.manual_seed(recipe.train.seed)
-    with deferred_experts(recipe.parallel.ep > 1):  # each rank builds only the experts it keeps
-        model = Transformer(model_cfg)
+    # with expert parallelism each rank builds only the experts it keeps
+    model = Transformer(model_cfg, expert_device="meta" if recipe.parallel.ep > 1 else None)
     sp_group = None
     if mesh.sp > 1:
         sp_group = mesh.sp_group

@@ -70,7 +70,7 @@ def load_unsharded(tag_dir: Path, recipe, vocab: int):
     """The model of a checkpoint on one CPU process, whatever its ZeRO stage and placement."""
     from kiln.parallel.expert_state import expert_files, read_full_experts
     from kiln.trainer.loop import resolve_model
-    from kiln.trainer.model import Transformer
+    from kiln.model import Transformer
 
     model = Transformer(resolve_model(recipe, vocab))
     if recipe.parallel.zero_stage == 3:

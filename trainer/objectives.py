@@ -6,7 +6,7 @@ New objectives (MEAP, ELECTRA) register in OBJECTIVES with the same call shape.
 from torch import nn
 
 from kiln.parallel.sequence import token_share
-from kiln.trainer.moe import moe_aux_loss
+from kiln.model.moe import moe_aux_loss
 
 
 class CausalLM(nn.Module):

@@ -7,7 +7,7 @@ import torch
 
 import kiln.kernels as K
 from kiln.kernels.config import KernelsConfig
-from kiln.trainer.model import ModelConfig, Transformer
+from kiln.model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.usefixtures("interp")
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from kiln.parallel.expert import apply_expert_parallel, gather_experts
 from kiln.parallel.expert_state import load_experts, migrate, read_full_experts, save_experts
-from kiln.trainer.moe import MoE, MoEConfig, deferred_experts, moe_aux_loss
+from kiln.model.moe import MoE, MoEConfig, moe_aux_loss
 from tests.dist import run_ranks
 
 L, E, DIM, FFN = 3, 4, 8, 12
@@ -31,9 +31,9 @@ LOPSIDED = np.array([[0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 1]])  # rank 1 has no
 class Net(nn.Module):
     """L residual MoE blocks: enough structure for cross-layer routing."""
 
-    def __init__(self, cfg: MoEConfig):
+    def __init__(self, cfg: MoEConfig, expert_device=None):
         super().__init__()
-        self.layers = nn.ModuleList(MoE(DIM, FFN, cfg) for _ in range(L))
+        self.layers = nn.ModuleList(MoE(DIM, FFN, cfg, expert_device) for _ in range(L))
 
     def forward(self, x):
         for b in self.layers:
@@ -182,8 +182,7 @@ def _deferred_build(rank, world):
     torch.manual_seed(0)
     full = Net(MoEConfig(num_experts=E, top_k=2))
     torch.manual_seed(0)
-    with deferred_experts():
-        net = Net(MoEConfig(num_experts=E, top_k=2))
+    net = Net(MoEConfig(num_experts=E, top_k=2), expert_device="meta")
     res = {"meta_before": all(b.experts.w1.is_meta for b in net.layers)}
     apply_expert_parallel(net, dist.group.WORLD, random_placement(3))
     got = gather_experts(net)

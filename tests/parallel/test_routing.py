@@ -8,7 +8,7 @@ from torch import nn
 from kiln.parallel.routing import (RoutingProfiler, latest_profile, placement_quality, save_profile,
                                    wandb_heatmaps)
 from kiln.parallel.placement.io import RoutingProfile
-from kiln.trainer.moe import MoE, MoEConfig
+from kiln.model.moe import MoE, MoEConfig
 
 E = 3
 

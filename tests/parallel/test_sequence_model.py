@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from kiln.parallel.sequence import apply_sequence_parallel, shard_batch
-from kiln.trainer.model import ModelConfig, Transformer
+from kiln.model import ModelConfig, Transformer
 from kiln.trainer.objectives import CausalLM
 from tests.dist import run_ranks
 

@@ -18,7 +18,7 @@ from kiln.data.bucket_loader import BucketLoader
 from kiln.data.decompose import bucket_prefix, decompose_split
 from kiln.parallel.sequence import apply_sequence_parallel, shard_batch
 from kiln.parallel.sequence_switch import SequenceSwitch
-from kiln.trainer.model import ModelConfig, Transformer
+from kiln.model import ModelConfig, Transformer
 from kiln.trainer.objectives import CausalLM
 from tests.data.test_decompose import _write_docs
 from tests.dist import run_ranks

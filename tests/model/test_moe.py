@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kiln.trainer.moe import (MoE, MoEConfig, Router, capacity_drop, load_balance_loss,
+from kiln.model.moe import (MoE, MoEConfig, Router, capacity_drop, load_balance_loss,
                               moe_aux_loss, router_z_loss)
 
 TOL = dict(atol=1e-12, rtol=1e-12)
@@ -132,9 +132,10 @@ def test_config_validation():
 
 
 def test_transformer_places_moe_blocks_and_objective_adds_aux_only_in_training():
-    from kiln.trainer.model import SwiGLU, Transformer, matmul_params
+    from kiln.model import matmul_params
+    from kiln.model.transformer import SwiGLU, Transformer
     from kiln.trainer.objectives import CausalLM
-    from kiln.trainer.sections import ModelConfig
+    from kiln.model.config import ModelConfig
 
     cfg = ModelConfig(vocab_size=64, dim=16, n_layers=4, n_heads=2, mlp="moe",
                       moe=MoEConfig(num_experts=4, top_k=2, every_n_layers=2, expert_ffn_dim=8))
@@ -181,10 +182,9 @@ def test_auto_placement_solve_outcome(tmp_path, ranks):
 
 
 def test_deferred_build_matches_full_build_expert_by_expert():
-    """A model built under deferred_experts holds no routed-expert memory, leaves torch's generator
+    """A model built with expert_device="meta" holds no routed-expert memory, leaves torch's generator
     where a full build does, has the same dense weights, and expert_init(e) gives the full rows."""
-    from kiln.trainer.model import ModelConfig, Transformer
-    from kiln.trainer.moe import deferred_experts
+    from kiln.model import ModelConfig, Transformer
 
     cfg = ModelConfig(vocab_size=64, dim=16, n_layers=3, n_heads=2, n_kv_heads=1, mlp="moe",
                       moe=MoEConfig(num_experts=4, top_k=2, shared_experts=1, every_n_layers=1))
@@ -192,8 +192,7 @@ def test_deferred_build_matches_full_build_expert_by_expert():
     full = Transformer(cfg)
     after_full = torch.randn(3)
     torch.manual_seed(5)
-    with deferred_experts():
-        lazy = Transformer(cfg)
+    lazy = Transformer(cfg, expert_device="meta")
     assert torch.equal(torch.randn(3), after_full)
     routed = [(n, p) for n, p in lazy.named_parameters() if ".experts." in n]
     assert len(routed) == 9 and all(p.is_meta for _, p in routed)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kiln.trainer.model import ModelConfig, Transformer, flops_per_token, matmul_params
+from kiln.model import ModelConfig, Transformer, flops_per_token, matmul_params
 from kiln.trainer.objectives import CausalLM
 
 

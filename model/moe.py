@@ -1,7 +1,7 @@
 """The Mixture-of-Experts MLP block: top-k softmax router, SwiGLU experts, auxiliary losses.
 
 No distributed code lives here. The block exposes a small protocol that kiln.parallel.expert
-uses to shard the experts without importing this file:
+uses to shard the experts without importing this file (nor this file it):
   * ``block.router(x) -> (expert_idx [N, k], weights [N, k], aux)``; a choice dropped by the
     capacity limit has ``expert_idx == num_experts`` (a sentinel bucket) and weight 0.
   * ``block.experts(x_grouped, tokens_per_expert, ids=None)``: SwiGLU experts stored as stacked
@@ -12,10 +12,7 @@ uses to shard the experts without importing this file:
     router z-loss (a scalar tensor for the objective to add) and ``block.stats`` the unweighted
     parts and the drop count.
 """
-import contextlib
-import contextvars
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,44 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln import kernels
+from kiln.model.config import MoEConfig
 
-
-@dataclass
-class MoEConfig:
-    """Mixture-of-Experts MLP (used when model.mlp = moe)."""
-
-    num_experts: int = field(default=8, metadata={"help": "routed experts per MoE layer"})
-    top_k: int = field(default=2, metadata={"help": "experts each token is sent to"})
-    every_n_layers: int = field(default=1, metadata={
-        "help": "layer i is MoE when i % every_n_layers == 0 (Megatron's moe_layer_freq); others dense"})
-    capacity_factor: float = field(default=0.0, metadata={
-        "help": "0 = dropless; else each expert takes at most ceil(cf * tokens * top_k / E) choices"})
-    aux_loss_coef: float = field(default=0.01, metadata={
-        "help": "coefficient of the switch load-balancing loss E * sum_e f_e * P_e"})
-    z_loss_coef: float = field(default=0.001, metadata={
-        "help": "coefficient of the router z-loss mean(logsumexp(logits)^2)"})
-    shared_experts: int = field(default=0, metadata={
-        "help": "always-on experts added to every token (one SwiGLU of shared_experts x expert width)"})
-    expert_ffn_dim: int = field(default=0, metadata={
-        "help": "hidden size of one expert; 0 = the model's ffn size"})
-    renormalize: bool = field(default=True, metadata={
-        "help": "rescale the top-k probabilities to sum to 1 (only when top_k > 1)"})
-
-    def validate(self):
-        if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"model.moe needs num_experts >= 1 and 1 <= top_k <= num_experts "
-                             f"(got {self.num_experts}, {self.top_k})")
-        if self.every_n_layers < 1:
-            raise ValueError(f"model.moe.every_n_layers must be >= 1 (got {self.every_n_layers})")
-        if self.capacity_factor < 0 or self.shared_experts < 0 or self.expert_ffn_dim < 0:
-            raise ValueError("model.moe.capacity_factor, shared_experts and expert_ffn_dim must be >= 0")
-        if 0 < self.capacity_factor * self.top_k < 1e-9:
-            raise ValueError("model.moe.capacity_factor is too small to keep any token; use 0 (dropless) "
-                             "or a value like 1.25")
-
-    def is_moe_layer(self, i: int) -> bool:
-        """Whether transformer layer i (0-based) gets the MoE block."""
-        return i % self.every_n_layers == 0
 
 
 def load_balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -123,20 +84,6 @@ class Router(nn.Module):
         aux = {"load_balance": lb, "z": z, "dropped": dropped,
                "loss": cfg.aux_loss_coef * lb + cfg.z_loss_coef * z}
         return idx, top_p.to(x.dtype), aux
-
-
-_DEFERRED = contextvars.ContextVar("kiln_deferred_experts", default=False)
-
-
-@contextlib.contextmanager
-def deferred_experts(on: bool = True):
-    """Models built inside keep their routed experts' weights on the meta device (no memory):
-    expert parallelism then builds only the experts its rank keeps (SwiGLUExperts.expert_init)."""
-    token = _DEFERRED.set(on)
-    try:
-        yield
-    finally:
-        _DEFERRED.reset(token)
 
 
 class SwiGLUExperts(nn.Module):
@@ -206,9 +153,13 @@ def local_expert_compute(block, x, expert_idx, weights):
 
 
 class MoE(nn.Module):
-    """Routed SwiGLU experts (+ optional shared experts) in place of the dense MLP."""
+    """Routed SwiGLU experts (+ optional shared experts) in place of the dense MLP.
 
-    def __init__(self, dim: int, ffn_dim: int, cfg: MoEConfig):
+    expert_device="meta" leaves the routed experts without memory: expert parallelism then
+    initialises only the rows its rank keeps, from each expert's own seed (SwiGLUExperts.expert_init).
+    """
+
+    def __init__(self, dim: int, ffn_dim: int, cfg: MoEConfig, expert_device=None):
         super().__init__()
         self.cfg = cfg
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
@@ -217,7 +168,7 @@ class MoE(nn.Module):
         # the seed is drawn here either way, so a deferred build leaves torch's generator where a
         # full build does (ranks under expert parallelism then build the same dense weights)
         self.experts = SwiGLUExperts(cfg.num_experts, dim, width, seed=int(torch.randint(0, 2**62, ())),
-                                     deferred=_DEFERRED.get())
+                                     deferred=expert_device == "meta")
         self.shared = None
         if cfg.shared_experts:
             self.shared = SwiGLUExperts(1, dim, cfg.shared_experts * width)
@@ -226,9 +177,9 @@ class MoE(nn.Module):
         self.stats = {}
 
     @classmethod
-    def from_model_config(cls, cfg) -> "MoE":
+    def from_model_config(cls, cfg, expert_device=None) -> "MoE":
         """Build from a ModelConfig carrying a `moe` section (the MLP_BLOCKS entry)."""
-        return cls(cfg.dim, cfg.hidden_dim, cfg.moe)
+        return cls(cfg.dim, cfg.hidden_dim, cfg.moe, expert_device)
 
     def forward(self, x):
         shape = x.shape

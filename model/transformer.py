@@ -1,4 +1,4 @@
-"""A Llama-style transformer. No parallel code lives here.
+"""A Llama-style transformer. No parallel code lives here, and nothing here imports kiln.parallel.
 
 Parallelism is applied afterwards from kiln.parallel by replacing each Attention's `attn_fn`
 (sequence parallel) or the blocks' `mlp` (experts); fused ops come from kiln.kernels.
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from kiln import kernels
-from kiln.trainer.moe import MoE, SwiGLUExperts
-from kiln.trainer.sections import ModelConfig
+from kiln.model.config import ModelConfig
+from kiln.model.moe import MoE, SwiGLUExperts
 
 
 class RMSNorm(nn.Module):
@@ -77,8 +77,8 @@ class SwiGLU(nn.Module):
         return self.w2(kernels.swiglu(self.w1(x), self.w3(x)))
 
 
-# MLP blocks by `model.mlp`.
-MLP_BLOCKS = {"swiglu": SwiGLU, "moe": MoE.from_model_config}
+# MLP blocks by `model.mlp`: (model config, expert device) -> block.
+MLP_BLOCKS = {"swiglu": lambda cfg, expert_device=None: SwiGLU(cfg), "moe": MoE.from_model_config}
 
 
 def mlp_kind(cfg: ModelConfig, layer: int) -> str:
@@ -91,12 +91,12 @@ def mlp_kind(cfg: ModelConfig, layer: int) -> str:
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, cfg: ModelConfig, layer: int = 0):
+    def __init__(self, cfg: ModelConfig, layer: int = 0, expert_device=None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP_BLOCKS[mlp_kind(cfg, layer)](cfg)
+        self.mlp = MLP_BLOCKS[mlp_kind(cfg, layer)](cfg, expert_device)
 
     def forward(self, x, cos, sin, doc_ids):
         x = x + self.attn(self.attn_norm(x), cos, sin, doc_ids)
@@ -127,15 +127,20 @@ class OutputHead(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token embedding -> blocks -> final norm; `head` turns hidden states into logits or a loss."""
+    """Token embedding -> blocks -> final norm; `head` turns hidden states into logits or a loss.
 
-    def __init__(self, cfg: ModelConfig):
+    expert_device="meta" builds the routed experts of MoE layers without memory, for expert
+    parallelism to fill with each rank's own (kiln.parallel.expert.apply_expert_parallel); every
+    other weight, and torch's generator afterwards, are those of a full build.
+    """
+
+    def __init__(self, cfg: ModelConfig, expert_device=None):
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("ModelConfig.vocab_size must be resolved (>0) before building the model")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, expert_device) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = OutputHead(cfg.dim, cfg.vocab_size, self.embed if cfg.tie_embeddings else None)
         self.reset_parameters()
@@ -183,29 +188,3 @@ class Transformer(nn.Module):
     def logits(self, hidden):
         """Full logits (for evaluation and tests; training uses the fused loss)."""
         return self.head(hidden)
-
-
-def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in a matmul per token (all linear layers incl. the LM head;
-    for MoE layers the router and the experts a token is routed to, not all experts)."""
-    d, h = cfg.dim, cfg.hidden_dim
-    attn = d * cfg.n_heads * cfg.head_dim * 2 + d * cfg.kv_heads * cfg.head_dim * 2
-    moe = cfg.moe_layers
-    # an MoE layer: the router plus the top_k routed and the shared experts each token passes
-    active = d * cfg.moe.num_experts + 3 * d * (cfg.moe.expert_ffn_dim or h) * (cfg.moe.top_k + cfg.moe.shared_experts)
-    return cfg.n_layers * attn + (cfg.n_layers - moe) * 3 * d * h + moe * active + d * cfg.vocab_size
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 * matmul params + attention scores.
-
-    Attention adds 2 matmuls (QK^T and PV) of 2*S*head_dim*heads FLOPs per token forward, x3 for
-    training. Counts the full S x S (no causal discount), as PaLM's MFU does.
-    """
-    attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-    return 6 * matmul_params(cfg) + attn
-
-
-def count_params(model: nn.Module) -> int:
-    """Trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,41 @@
+"""FLOP and parameter counts: the one formula that MFU, the decomposition metrics and the benches use."""
+from torch import nn
+
+from kiln.model.config import ModelConfig
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token (all linear layers incl. the LM head;
+    for MoE layers the router and the experts a token is routed to, not all experts)."""
+    d, h = cfg.dim, cfg.hidden_dim
+    attn = d * cfg.n_heads * cfg.head_dim * 2 + d * cfg.kv_heads * cfg.head_dim * 2
+    moe = cfg.moe_layers
+    # an MoE layer: the router plus the top_k routed and the shared experts each token passes
+    active = d * cfg.moe.num_experts + 3 * d * (cfg.moe.expert_ffn_dim or h) * (cfg.moe.top_k + cfg.moe.shared_experts)
+    return cfg.n_layers * attn + (cfg.n_layers - moe) * 3 * d * h + moe * active + d * cfg.vocab_size
+
+
+def attention_flops(cfg: ModelConfig, pairs: float) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of softmax attention over `pairs`
+    (query, key) pairs: QK^T and PV each cost 2 * head_dim FLOPs per pair and head."""
+    return 3 * 2 * 2 * cfg.head_dim * cfg.n_heads * cfg.n_layers * pairs
+
+
+def causal_pairs(rows: int, seq_len: int) -> float:
+    """(query, key) pairs of causal attention over rows x seq_len: L(L+1)/2 per row (what a
+    kernel that skips the masked half computes; no document masks)."""
+    return rows * seq_len * (seq_len + 1) / 2
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 * matmul params + attention scores.
+
+    Counts the full S x S attention (every token attends to S keys, no causal discount), as
+    PaLM's MFU does.
+    """
+    return 6 * matmul_params(cfg) + attention_flops(cfg, seq_len)
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
