@@ -111,7 +111,7 @@ def run_kiln(cfg, batches, lr, compile_blocks=False):
                       RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     from kiln.trainer.config import Recipe
     from kiln.trainer.engine import build_engine
-    from kiln.trainer.loop import init_distributed
+    from kiln.trainer.launch import init_distributed
     from kiln.model import Transformer
     from kiln.trainer.objectives import CausalLM
 

@@ -158,7 +158,8 @@ def _train_in_world(recipe, run_dir: Path) -> int:
     """Under torchrun/srun: rank 0 prepares the data, then every rank trains."""
     import torch.distributed as dist
 
-    from kiln.trainer.loop import init_distributed, pick_device, train
+    from kiln.trainer.launch import init_distributed, pick_device
+    from kiln.trainer.run import train
 
     init_distributed(pick_device(recipe), recipe.train.dist_timeout_s)
     # The other ranks wait for rank 0's data on the rendezvous store, not in a collective: a big

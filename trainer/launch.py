@@ -57,6 +57,39 @@ def check_cuda(ranks: int) -> None:
                           f"--nproc {have} (or set CUDA_VISIBLE_DEVICES)")
 
 
+def pick_device(recipe):
+    """cuda:<local rank> when asked for (or auto and available), else cpu."""
+    import torch
+
+    want = recipe.train.device
+    if want == "cuda":
+        check_cuda(1)
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def init_distributed(device, timeout_s: float = 600.0) -> None:
+    """NCCL on GPUs, gloo on CPUs: the only difference between the two paths."""
+    import contextlib
+    import datetime
+    import io
+
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said):  # on CPU every rank prints that its shm op built
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                       timeout=datetime.timedelta(seconds=timeout_s))
+        for line in said.getvalue().splitlines():
+            if not line.endswith("built successfully"):
+                print(line, flush=True)
+
+
 _CLAIMS = []  # open lock files: a lock lasts as long as this process (the OS drops it on any exit)
 
 

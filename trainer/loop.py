@@ -1,7 +1,5 @@
 """One rank's training run: build everything, step, evaluate, checkpoint, report."""
-import contextlib
 import dataclasses
-import io
 import os
 import time
 from pathlib import Path
@@ -18,39 +16,11 @@ from kiln.trainer import checkpoint
 from kiln.trainer.config import check_vocab, to_dict
 from kiln.trainer.decompose_run import DecomposeRun
 from kiln.trainer.engine import build_engine
-from kiln.trainer.launch import check_cuda
+from kiln.trainer.launch import init_distributed, pick_device
 from kiln.model import Transformer, count_params, flops_per_token
 from kiln.trainer.moe_run import MoERun, expert_checkpoint, resume_placement
 from kiln.trainer.monitor import Monitor, fmt_eta, memory_gb, peak_flops
 from kiln.trainer.objectives import build_objective
-
-
-def pick_device(recipe) -> torch.device:
-    """cuda:<local rank> when asked for (or auto and available), else cpu."""
-    want = recipe.train.device
-    if want == "cuda":
-        check_cuda(1)
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
-def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
-    """NCCL on GPUs, gloo on CPUs: the only difference between the two paths."""
-    import datetime
-
-    import deepspeed
-
-    if not dist.is_initialized():
-        said = io.StringIO()
-        with contextlib.redirect_stdout(said):  # on CPU every rank prints that its shm op built
-            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                       timeout=datetime.timedelta(seconds=timeout_s))
-        for line in said.getvalue().splitlines():
-            if not line.endswith("built successfully"):
-                print(line, flush=True)
 
 
 def resolve_model(recipe, vocab: int):

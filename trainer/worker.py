@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     watch_parent()
     run_dir = Path(args.run_dir)
     recipe = load_recipe(run_dir / "recipe.yaml")
-    from kiln.trainer.loop import train  # heavy imports (deepspeed) only in ranks
+    from kiln.trainer.run import train  # heavy imports (deepspeed) only in ranks
 
     try:
         train(recipe, run_dir, Path(args.data_dir))
