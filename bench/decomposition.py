@@ -32,7 +32,8 @@ import torch
 
 from kiln.data import DataConfig, prepare
 from kiln.data.bucket_loader import build_bucket_loader
-from kiln.data.decompose import Decomposed, bucket_dir, read_documents
+from kiln.data.decompose import Decomposed, bucket_dir
+from kiln.data.indexed import read_documents
 from kiln.data.loader import ChunkLoader
 from kiln.trainer.engine import lr_lambda
 from kiln.model import ModelConfig, Transformer, attention_flops, matmul_params

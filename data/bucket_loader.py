@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .curriculum import Curriculum
-from .decompose import read_documents
+from .indexed import read_documents
 from .errors import DataError
 
 

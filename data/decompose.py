@@ -21,7 +21,6 @@ when it exists and checks out, rebuilt when it does not only if `repair` (`kiln 
 import json
 import os
 import shutil
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .indexed import _DTYPES, _HEADER_BYTES, IndexWriter, check_indexed
+from .indexed import IndexWriter, check_indexed, read_documents
+from .manifest import publish, sha256_file
 from .tokenizer import write_atomic
 
 FORMAT = "kiln-decompose-v1"
@@ -62,25 +62,6 @@ def bucket_dir(prepared_dir: str | os.PathLike, buckets, seed: int) -> Path:
 def bucket_prefix(dir: str | os.PathLike, split: str, k: int) -> str:
     """Path prefix of the indexed dataset of bucket 2^k of `split`."""
     return str(Path(dir) / f"{split}_b{k:02d}")
-
-
-def read_documents(prefix: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens memmap, document starts, document ends) of a kiln indexed dataset, numpy only."""
-    reason = check_indexed(prefix)
-    if reason:
-        raise DataError(f"indexed dataset {prefix} is unusable ({reason}): run `kiln prepare` again")
-    idx = Path(str(prefix) + ".idx")
-    raw = np.memmap(idx, mode="r")
-    _, code, n_seq, n_doc = struct.unpack("<QBQQ", bytes(raw[9:_HEADER_BYTES]))
-    lengths = np.frombuffer(raw, np.int32, n_seq, _HEADER_BYTES).astype(np.int64)
-    doc_idx = np.frombuffer(raw, np.int64, n_doc, _HEADER_BYTES + 12 * n_seq)
-    cum = np.zeros(n_seq + 1, dtype=np.int64)
-    np.cumsum(lengths, out=cum[1:])
-    starts, ends = cum[doc_idx[:-1]], cum[doc_idx[1:]]
-    size = Path(str(prefix) + ".bin").stat().st_size
-    tokens = np.memmap(str(prefix) + ".bin", dtype=_DTYPES[code], mode="r") if size else \
-        np.zeros(0, dtype=_DTYPES[code])
-    return tokens, starts, ends
 
 
 def decompose_split(prefix, out_dir: Path, split: str, min_log2: int, max_log2: int,
@@ -171,8 +152,6 @@ class Decomposed:
     @classmethod
     def load(cls, dir: str | os.PathLike, *, checksum: bool = True) -> "Decomposed":
         """Open a decomposition folder, checking every file against its manifest."""
-        from .prepare import _sha256
-
         d = Path(dir)
         fix = f"delete {d} and run `kiln prepare` again"
         try:
@@ -188,7 +167,7 @@ class Decomposed:
             p = d / name
             if not p.is_file() or p.stat().st_size != meta["bytes"]:
                 raise DataError(f"decomposition {d}: {name} is missing or has the wrong size: {fix}")
-            if (checksum or name.endswith((".idx", ".json", ".npy"))) and _sha256(p) != meta["sha256"]:
+            if (checksum or name.endswith((".idx", ".json", ".npy"))) and sha256_file(p) != meta["sha256"]:
                 raise DataError(f"decomposition {d}: {name} does not match its checksum: {fix}")
         for split in SPLITS:
             for k in range(lo, hi + 1):
@@ -208,8 +187,6 @@ def decompose(prepared, buckets, seed: int = 0, *, progress: bool = True,
     validation is rebuilt when `repair` (`kiln prepare`), else its DataError is raised (a
     training run never silently replaces files, as for the prepared folder itself).
     """
-    from .prepare import _fsync_dir, _sha256
-
     lo, hi = buckets
     final = bucket_dir(prepared.dir, buckets, seed)
     if final.exists():
@@ -235,18 +212,9 @@ def decompose(prepared, buckets, seed: int = 0, *, progress: bool = True,
             summary["splits"][split] = decompose_split(prefix, tmp, split, lo, hi, rng)
         write_atomic(tmp / "summary.json", json.dumps(summary, indent=1).encode())
         write_atomic(tmp / "summary.txt", (summary_table(summary) + "\n").encode())
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = {"format": FORMAT, "min_log2": lo, "max_log2": hi, "seed": seed, "files": files,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())  # last
-        _fsync_dir(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished first: use theirs if it is sound
-            shutil.rmtree(tmp, ignore_errors=True)
+        fields = {"format": FORMAT, "min_log2": lo, "max_log2": hi, "seed": seed}
+        if not publish(tmp, final, fields):  # another process finished first: use theirs if sound
             return Decomposed.load(final)
-        _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

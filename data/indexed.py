@@ -147,3 +147,22 @@ def document_bounds(ds) -> tuple[np.ndarray, np.ndarray]:
     starts, ends = cum[doc_idx[:-1]], cum[doc_idx[1:]]
     keep = ends > starts
     return starts[keep], ends[keep]
+
+
+def read_documents(prefix: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens memmap, document starts, document ends) of a kiln indexed dataset, numpy only."""
+    reason = check_indexed(prefix)
+    if reason:
+        raise DataError(f"indexed dataset {prefix} is unusable ({reason}): run `kiln prepare` again")
+    idx = Path(str(prefix) + ".idx")
+    raw = np.memmap(idx, mode="r")
+    _, code, n_seq, n_doc = struct.unpack("<QBQQ", bytes(raw[9:_HEADER_BYTES]))
+    lengths = np.frombuffer(raw, np.int32, n_seq, _HEADER_BYTES).astype(np.int64)
+    doc_idx = np.frombuffer(raw, np.int64, n_doc, _HEADER_BYTES + 12 * n_seq)
+    cum = np.zeros(n_seq + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cum[1:])
+    starts, ends = cum[doc_idx[:-1]], cum[doc_idx[1:]]
+    size = Path(str(prefix) + ".bin").stat().st_size
+    tokens = np.memmap(str(prefix) + ".bin", dtype=_DTYPES[code], mode="r") if size else \
+        np.zeros(0, dtype=_DTYPES[code])
+    return tokens, starts, ends

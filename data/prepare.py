@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from .config import DataConfig
 from .encode import Encoder
 from .errors import DataError
 from .indexed import IndexWriter, check_indexed, token_dtype
+from .manifest import publish, remove_stale_temps, sha256_file, temp_dir
 from .sources import Corpus, open_corpus, split_documents
 from .tokenizer import (cached_tokenizer, load_tokenizer, special_ids, tokenizer_path,
                         write_atomic)
@@ -69,7 +69,7 @@ class Prepared:
                 _corrupt(d, f"{name} is missing")
             if p.stat().st_size != meta["bytes"]:
                 _corrupt(d, f"{name} is {p.stat().st_size} bytes, the manifest says {meta['bytes']}")
-            if (checksum or name.endswith((".idx", ".json"))) and _sha256(p) != meta["sha256"]:
+            if (checksum or name.endswith((".idx", ".json"))) and sha256_file(p) != meta["sha256"]:
                 _corrupt(d, f"{name} does not match its checksum")
         for split in SPLITS:
             reason = check_indexed(d / split)
@@ -106,11 +106,6 @@ def _read_manifest(d: Path) -> dict:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         _corrupt(d, f"manifest.json is unreadable: {type(e).__name__}")
     return m
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _hash_corpus(corpus: Corpus, train_idx, valid_idx) -> tuple[str, str, int]:
@@ -187,10 +182,8 @@ def _build(cfg, corpus, tok, tok_json, splits, text_bytes, key, final, progress)
 
     cache = final.parent
     cache.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(cache)
-    tmp = cache / f".tmp-{socket.gethostname()}-{os.getpid()}-{key[:12]}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    remove_stale_temps(cache)
+    tmp = temp_dir(cache, key[:12])
     try:
         ids = special_ids(tok)
         vocab = tok.get_vocab_size(with_added_tokens=True)
@@ -210,62 +203,18 @@ def _build(cfg, corpus, tok, tok_json, splits, text_bytes, key, final, progress)
                 finally:
                     writer.close()
                 counts[split] = {"docs": writer.docs, "tokens": writer.tokens}
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = {"format": FORMAT, "key": key, "source": corpus.name, "vocab_size": vocab,
-                    "eot_id": ids.eot, "mask_id": ids.mask, "pad_id": ids.pad,
-                    "dtype": dtype.__name__, "text_bytes": text_bytes,
-                    "heldout_percent": cfg.heldout_percent, "splits": counts, "files": files,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())  # last
-        _fsync_dir(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # Another process finished the same folder first; use it if it is sound.
-            prepared = Prepared.load(final)
-            shutil.rmtree(tmp, ignore_errors=True)
-            return prepared
-        _fsync_dir(cache)
+        fields = {"format": FORMAT, "key": key, "source": corpus.name, "vocab_size": vocab,
+                  "eot_id": ids.eot, "mask_id": ids.mask, "pad_id": ids.pad,
+                  "dtype": dtype.__name__, "text_bytes": text_bytes,
+                  "heldout_percent": cfg.heldout_percent, "splits": counts}
+        if not publish(tmp, final, fields):
+            return Prepared.load(final)  # another process finished the same folder first
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.filename is None:
             e.filename = str(final)  # a failed close() names no file: say what was being written
         raise
     return Prepared.load(final, checksum=False)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_stale_temps(cache: Path) -> None:
-    """Delete temp folders left by crashed prepares of this host (their process is gone)."""
-    host = socket.gethostname()
-    for p in cache.glob(f".tmp-{host}-*"):
-        try:
-            pid = int(p.name[len(f".tmp-{host}-"):].split("-")[0])
-            os.kill(pid, 0)
-            if _is_zombie(pid):
-                raise ProcessLookupError
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass
-
-
-def _is_zombie(pid: int) -> bool:
-    """A killed process that nobody reaped (containers whose pid 1 is no init) still answers
-    kill(pid, 0); /proc says it is a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def _finish(p: Prepared, cfg: DataConfig, progress: bool, repair: bool) -> Prepared:

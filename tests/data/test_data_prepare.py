@@ -137,7 +137,7 @@ def test_sweep_removes_temps_of_unreaped_killed_processes(tmp_path):
     import socket
     import time
 
-    from kiln.data.prepare import _remove_stale_temps
+    from kiln.data.manifest import remove_stale_temps
 
     host = socket.gethostname()
     child = subprocess.Popen(["sleep", "60"])
@@ -151,7 +151,7 @@ def test_sweep_removes_temps_of_unreaped_killed_processes(tmp_path):
         os.kill(child.pid, 0)  # the zombie still answers
         dead, live = tmp_path / f".tmp-{host}-{child.pid}-abc", tmp_path / f".tmp-{host}-{os.getpid()}-abc"
         dead.mkdir(), live.mkdir()
-        _remove_stale_temps(tmp_path)
+        remove_stale_temps(tmp_path)
         assert not dead.exists() and live.exists()
     finally:
         child.wait()

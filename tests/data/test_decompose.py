@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from kiln.data.decompose import (NO_LABEL, Decomposed, bucket_prefix, decompose, decompose_split,
-                                 read_documents, split_document)
+                                 split_document)
 from kiln.data.errors import DataError
-from kiln.data.indexed import IndexWriter
+from kiln.data.indexed import IndexWriter, read_documents
 from kiln.data.prepare import prepare
 from tests.data.chisq import chisq_pvalue
 
