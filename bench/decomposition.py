@@ -9,7 +9,7 @@ Both runs train the same seeded model on the embedded corpus (stdlib, BPE 4096) 
 optimizer, schedule and tokens per step:
   - baseline: concat-and-chunk windows of 2^max tokens with document masks (kiln's ChunkLoader;
     on CPU the mask goes to torch SDPA as a dense boolean mask);
-  - decomposition: buckets 2^min..2^max, Grow-P2 over the run (kiln's BucketLoader), one
+  - decomposition: buckets 2^min..2^max, Grow-P2 over the run (kiln's DecomposeLoader), one
     document per row, plain causal attention.
 Steps of the two runs alternate, so load from other jobs on the machine hits both alike.
 `--seed S` seeds the model init (torch.manual_seed(S)) and both data orders (loader seed S + 1);
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from kiln.data import DataConfig, prepare
-from kiln.data.bucket_loader import build_bucket_loader
+from kiln.data.decompose_loader import build_decompose_loader
 from kiln.data.decompose import Decomposed, bucket_dir
 from kiln.data.indexed import read_documents
 from kiln.data.loader import ChunkLoader
@@ -204,7 +204,7 @@ def main() -> None:
     p = prepare(cfg, progress=False)
     dec = Decomposed.load(bucket_dir(p.dir, cfg.buckets, cfg.decompose_seed))
     base_loader = ChunkLoader(p.train_prefix, L, T // L, 0, 1, seed=args.seed + 1)
-    vsl_loader = build_bucket_loader(cfg, dec, "train", T, 0, 1, seed=args.seed + 1, horizon=args.steps)
+    vsl_loader = build_decompose_loader(cfg, dec, "train", T, 0, 1, seed=args.seed + 1, horizon=args.steps)
 
     mcfg = ModelConfig(vocab_size=-(-p.vocab_size // 64) * 64, dim=args.dim, n_layers=args.layers,
                        n_heads=args.heads)
@@ -352,7 +352,7 @@ def summarize(paths) -> None:
 def write_plot(path: str, cfg: DataConfig, dec, run_loader, args, tokens: int = 16384) -> None:
     """The bucket schedule of a whole epoch (grow_p2 and natural) and of this run, as SVG."""
     def loader(**kw):
-        return build_bucket_loader(DataConfig(**{**cfg.__dict__, **kw}), dec, "train", tokens, 0, 1, seed=1)
+        return build_decompose_loader(DataConfig(**{**cfg.__dict__, **kw}), dec, "train", tokens, 0, 1, seed=1)
 
     full, nat = loader(num_cycles=8), loader(curriculum="natural", num_cycles=8)
     n = full.steps_per_epoch

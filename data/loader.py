@@ -25,7 +25,12 @@ IGNORE_INDEX = -100
 
 
 class ChunkLoader:
-    """Batches of fixed-length windows over one indexed dataset (see the module docstring)."""
+    """Batches of fixed-length windows over one indexed dataset (see the module docstring); a
+    BatchSource."""
+
+    # Each rank's loss is the mean over its own labels and the ranks' losses are averaged: the
+    # loss the training curves were recorded with.
+    global_token_mean = False
 
     def __init__(self, prefix: str, seq_len: int, micro_batch: int, dp_rank: int, dp_size: int,
                  seed: int, grad_accum: int = 1):
@@ -61,6 +66,14 @@ class ChunkLoader:
     def tokens_per_step(self) -> int:
         """Input tokens per optimiser step over all ranks and micro-steps."""
         return self.global_batch * self.seq_len
+
+    def row_len(self, step: int) -> int:
+        """seq_len: every step is made of windows of the same length."""
+        return self.seq_len
+
+    def step_metrics(self, step: int) -> dict:
+        """Nothing: every step has the same shape."""
+        return {}
 
     def epoch_of(self, step: int) -> int:
         """The epoch the first sample of `step` belongs to."""
@@ -140,7 +153,7 @@ def build_loader(cfg: DataConfig, prefix: str, *, micro_batch: int, dp_rank: int
     """The loader `cfg.packing` names, over the indexed dataset at `prefix`."""
     if cfg.packing == "decompose":  # one dataset per bucket, not one prefix
         raise ValueError("data.packing=decompose reads per-bucket datasets: use "
-                         "kiln.data.bucket_loader.build_bucket_loader")
+                         "kiln.data.decompose_loader.build_decompose_loader")
     cls = PACKINGS.get(cfg.packing)
     if cls is None:
         raise ValueError(f"data.packing={cfg.packing!r} has no loader: choose one of {list(PACKINGS)}")

@@ -14,7 +14,7 @@ Schedule. Tokens per step are constant, so tokens seen = step x tokens_per_step 
 schedule's progress step / train.steps equals tokens seen / total tokens: keying it to steps is
 keying it to tokens (train.steps x train.tokens_per_step is the run's token budget).
 """
-from kiln.data.bucket_loader import check_layout, uses_sp
+from kiln.data.decompose_loader import check_layout, uses_sp
 from kiln.model import attention_flops, causal_pairs, flops_per_token
 
 
@@ -45,7 +45,7 @@ class DecomposeRun:
     def __init__(self, recipe, model, model_cfg, mesh, data_dir):
         import torch.distributed as dist
 
-        from kiln.data.bucket_loader import build_bucket_loader
+        from kiln.data.decompose_loader import build_decompose_loader as build_bucket_loader
         from kiln.data.decompose import Decomposed, bucket_dir
 
         d, t, p = recipe.data, recipe.train, recipe.parallel

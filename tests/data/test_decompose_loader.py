@@ -1,10 +1,10 @@
-"""BucketLoader: rows against the chunks, one bucket per step on every rank, disjoint shares
+"""DecomposeLoader: rows against the chunks, one bucket per step on every rank, disjoint shares
 (data- and sequence-parallel steps), constant tokens per step, exact resume, layout errors."""
 
 import numpy as np
 import pytest
 
-from kiln.data.bucket_loader import BucketLoader, check_layout
+from kiln.data.decompose_loader import DecomposeLoader, check_layout
 from kiln.data.decompose import bucket_prefix, decompose_split
 from tests.data.test_decompose import _write_docs
 
@@ -22,8 +22,9 @@ def buckets(tmp_path_factory):
 
 
 def _loaders(buckets, world, sp=1, sp_min_len=0, accum=1, seed=3):
-    return [BucketLoader(buckets, T, r, world, sp=sp, sp_min_len=sp_min_len, seed=seed,
-                         grad_accum=accum, weights=[8, 4, 2, 1], num_cycles=2) for r in range(world)]
+    return [DecomposeLoader(buckets, T, r, world, sp=sp, sp_min_len=sp_min_len, seed=seed,
+                            grad_accum=accum, weights=[8, 4, 2, 1], num_cycles=2)
+            for r in range(world)]
 
 
 def test_rows_are_chunks_with_next_token_labels(buckets):

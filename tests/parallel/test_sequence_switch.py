@@ -2,7 +2,7 @@
 of ranks, rows sharded along the sequence) and a short-bucket step (rows split over all ranks,
 local attention) both give the single-rank loss and gradients.
 
-4 real gloo ranks (2 sequence groups of 2), fp64. Rows come from the real BucketLoader over
+4 real gloo ranks (2 sequence groups of 2), fp64. Rows come from the real DecomposeLoader over
 decomposition buckets; the loss is normalised over the world group as the trainer does
 (kiln.trainer.decompose_run), and gradients are averaged over all ranks as DeepSpeed does.
 Labels are masked unevenly (by token value), so ranks hold different numbers of labels.
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kiln.data.bucket_loader import BucketLoader
+from kiln.data.decompose_loader import DecomposeLoader
 from kiln.data.decompose import bucket_prefix, decompose_split
 from kiln.parallel.sequence import apply_sequence_parallel, shard_batch
 from kiln.parallel.sequence_switch import SequenceSwitch
@@ -45,8 +45,8 @@ def _case(rank, world, prefixes):
     apply_sequence_parallel(model, sp_group, "tokenring")
     switch = SequenceSwitch(model)
     objective = CausalLM(model, sp_group=dist.group.WORLD)  # the trainer's loss normalisation
-    loader = BucketLoader(prefixes, T, rank, world, sp=sp, sp_min_len=SP_MIN, seed=1)
-    ref_loader = BucketLoader(prefixes, T, 0, 1, seed=1)
+    loader = DecomposeLoader(prefixes, T, rank, world, sp=sp, sp_min_len=SP_MIN, seed=1)
+    ref_loader = DecomposeLoader(prefixes, T, 0, 1, seed=1)
     out = {}
     seen = set()
     for step in range(loader.steps_per_epoch):

@@ -66,8 +66,12 @@ class StepPlan:
     index: int         # which batch of its bucket in this epoch
 
 
-class BucketLoader:
-    """Batches over per-bucket indexed datasets (see the module docstring)."""
+class DecomposeLoader:
+    """Batches over per-bucket indexed datasets (see the module docstring); a BatchSource."""
+
+    # Ranks hold different numbers of valid labels in a step (rows of 2^k, sequence shards,
+    # chunk-end -100s), so a mean of per-rank means would weigh labels unequally.
+    global_token_mean = True
 
     def __init__(self, prefixes: dict[int, str], tokens_per_step: int, rank: int, world: int, *,
                  sp: int = 1, sp_min_len: int = 0, seed: int = 0, grad_accum: int = 1,
@@ -114,6 +118,17 @@ class BucketLoader:
         return StepPlan(step=step, bucket=k, seq_len=1 << k, rows=rows,
                         local_rows=rows // (ranks * self.grad_accum), sp=on, epoch=e, index=j)
 
+    def row_len(self, step: int) -> int:
+        """2^k of the step's bucket."""
+        return self.plan(step).seq_len
+
+    def step_metrics(self, step: int) -> dict:
+        """The step's bucket k, row length 2^k, rows over all ranks and whether it runs
+        sequence-parallel (for the monitor)."""
+        p = self.plan(step)
+        return {"data/bucket": p.bucket, "data/seq_len": p.seq_len, "data/batch_size": p.rows,
+                "data/sp": p.sp}
+
     def _perm(self, k: int, epoch: int) -> np.ndarray:
         perm = self._perms.get((k, epoch))
         if perm is None:
@@ -153,16 +168,16 @@ class BucketLoader:
                 "position_ids": torch.from_numpy(pos)}
 
 
-def build_bucket_loader(cfg, decomposed, split: str, tokens_per_step: int, rank: int, world: int,
-                        *, sp: int = 1, sp_min_len: int = 0, seed: int = 0, grad_accum: int = 1,
-                        horizon: int = 0) -> BucketLoader:
-    """A BucketLoader over `split` of a Decomposed folder, weighted by cfg's curriculum;
+def build_decompose_loader(cfg, decomposed, split: str, tokens_per_step: int, rank: int,
+                           world: int, *, sp: int = 1, sp_min_len: int = 0, seed: int = 0,
+                           grad_accum: int = 1, horizon: int = 0) -> DecomposeLoader:
+    """A DecomposeLoader over `split` of a Decomposed folder, weighted by cfg's curriculum;
     `horizon` = the run's steps, so that a run shorter than the data gets the whole curriculum."""
     from .curriculum import bucket_weights
 
     prefixes = {k: decomposed.prefix(split, k) for k in decomposed.buckets}
     weights = bucket_weights(cfg.curriculum, len(prefixes), cfg.curriculum_weights)
-    return BucketLoader(prefixes, tokens_per_step, rank, world, sp=sp, sp_min_len=sp_min_len,
-                        seed=seed, grad_accum=grad_accum, weights=weights, num_cycles=cfg.num_cycles,
-                        horizon=horizon)
+    return DecomposeLoader(prefixes, tokens_per_step, rank, world, sp=sp, sp_min_len=sp_min_len,
+                           seed=seed, grad_accum=grad_accum, weights=weights,
+                           num_cycles=cfg.num_cycles, horizon=horizon)
 
