@@ -1,4 +1,8 @@
-"""The recipe's `data:` section."""
+"""The recipe's `data:` section.
+
+Plain ranges are field metadata (min/gt/max/lt, "zero" = what 0 means) that the recipe loader
+enforces before validate(); validate() keeps the checks of text, of lists and across fields.
+"""
 
 from dataclasses import dataclass, field
 
@@ -24,11 +28,12 @@ class DataConfig:
     vocab_size: int = field(default=4096, metadata={
         "help": "vocabulary size of the trained BPE (ignored when data.tokenizer is set)"})
     seq_len: int = field(default=256, metadata={
-        "help": "tokens per training sample"})
+        "help": "tokens per training sample", "min": 1})
     heldout_percent: float = field(default=2.0, metadata={
-        "help": "percent of documents (by a stable hash of path/index) held out for evaluation"})
+        "help": "percent of documents (by a stable hash of path/index) held out for evaluation",
+        "gt": 0, "lt": 100})
     max_documents: int = field(default=0, metadata={
-        "help": "use only the first N documents of the source (0 = all)"})
+        "help": "use only the first N documents of the source (0 = all)", "min": 0, "zero": "0 = all"})
     cache_dir: str = field(default=".kiln-cache", metadata={
         "help": "where tokenizers and tokenised data are cached (keyed by content hash)"})
     packing: str = field(default="concat", metadata={
@@ -46,13 +51,13 @@ class DataConfig:
     curriculum_weights: list[float] = field(default_factory=list, metadata={
         "help": "decompose with curriculum=weights: one positive weight per bucket, shortest first"})
     num_cycles: int = field(default=8, metadata={
-        "help": "decompose: curriculum cycles per epoch (each runs its share of every bucket)"})
+        "help": "decompose: curriculum cycles per epoch (each runs its share of every bucket)", "min": 1})
     num_workers: int = field(default=2, metadata={
         "help": "worker processes tokenising during `kiln prepare` (0 = this process, using the "
-                "tokenizers library's own threads)"})
+                "tokenizers library's own threads)", "min": 0, "zero": "0 = tokenise in this process"})
 
     def validate(self) -> None:
-        """Raise ValueError naming the first impossible value and how to fix it."""
+        """Raise ValueError naming the first impossible value and how to fix it (ranges are metadata)."""
         if not self.source.strip():
             raise ValueError("data.source is empty: set it to 'stdlib', a file path/glob, or 'hf:<name>'")
         if self.source.startswith("hf:") and not self.source[3:].strip(":"):
@@ -64,13 +69,6 @@ class DataConfig:
         if not self.tokenizer and not 260 <= self.vocab_size <= 2**31 - 1:
             raise ValueError(f"data.vocab_size={self.vocab_size} is impossible for a byte-level BPE "
                              "(256 bytes + 3 special tokens): set it to at least 260")
-        if self.seq_len < 1:
-            raise ValueError(f"data.seq_len={self.seq_len} must be at least 1")
-        if not 0.0 < self.heldout_percent < 100.0:
-            raise ValueError(f"data.heldout_percent={self.heldout_percent} must be in (0, 100): "
-                             "kiln always keeps a held-out split for evaluation")
-        if self.max_documents < 0:
-            raise ValueError(f"data.max_documents={self.max_documents} must be >= 0 (0 = all)")
         if not self.cache_dir:
             raise ValueError("data.cache_dir is empty: set it to a writable folder, e.g. .kiln-cache")
         if self.packing not in PACKINGS:
@@ -78,8 +76,6 @@ class DataConfig:
         if len(self.buckets) != 2 or not 1 <= self.buckets[0] <= self.buckets[1] <= 30:
             raise ValueError(f"data.buckets={self.buckets} must be [min_log2, max_log2] with "
                              "1 <= min <= max <= 30, e.g. [8, 13] for 256..8192 tokens")
-        if self.num_cycles < 1:
-            raise ValueError(f"data.num_cycles={self.num_cycles} must be >= 1")
         n = self.buckets[1] - self.buckets[0] + 1
         if self.curriculum == "weights" and (len(self.curriculum_weights) != n or
                                              min(self.curriculum_weights, default=0) <= 0):
@@ -88,6 +84,3 @@ class DataConfig:
                              f"{self.buckets[1]}), got {self.curriculum_weights}")
         if self.curriculum not in CURRICULA:
             raise ValueError(f"data.curriculum={self.curriculum!r} is unknown: choose one of {CURRICULA}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0 (0 = tokenise in "
-                             "this process)")

@@ -1,4 +1,8 @@
-"""The model's recipe sections: `model:` (ModelConfig) and its `model.moe:` subsection (MoEConfig)."""
+"""The model's recipe sections: `model:` (ModelConfig) and its `model.moe:` subsection (MoEConfig).
+
+Plain ranges are field metadata (min/gt/max/lt, "zero" = what 0 means) that the recipe loader
+enforces before validate(); validate() holds the checks that span fields.
+"""
 from dataclasses import dataclass, field
 
 
@@ -6,31 +10,31 @@ from dataclasses import dataclass, field
 class MoEConfig:
     """Mixture-of-Experts MLP (used when model.mlp = moe)."""
 
-    num_experts: int = field(default=8, metadata={"help": "routed experts per MoE layer"})
-    top_k: int = field(default=2, metadata={"help": "experts each token is sent to"})
+    num_experts: int = field(default=8, metadata={"help": "routed experts per MoE layer", "min": 1})
+    top_k: int = field(default=2, metadata={"help": "experts each token is sent to", "min": 1})
     every_n_layers: int = field(default=1, metadata={
-        "help": "layer i is MoE when i % every_n_layers == 0 (Megatron's moe_layer_freq); others dense"})
+        "help": "layer i is MoE when i % every_n_layers == 0 (Megatron's moe_layer_freq); others dense",
+        "min": 1})
     capacity_factor: float = field(default=0.0, metadata={
-        "help": "0 = dropless; else each expert takes at most ceil(cf * tokens * top_k / E) choices"})
+        "help": "0 = dropless; else each expert takes at most ceil(cf * tokens * top_k / E) choices",
+        "min": 0, "zero": "0 = dropless"})
     aux_loss_coef: float = field(default=0.01, metadata={
         "help": "coefficient of the switch load-balancing loss E * sum_e f_e * P_e"})
     z_loss_coef: float = field(default=0.001, metadata={
         "help": "coefficient of the router z-loss mean(logsumexp(logits)^2)"})
     shared_experts: int = field(default=0, metadata={
-        "help": "always-on experts added to every token (one SwiGLU of shared_experts x expert width)"})
+        "help": "always-on experts added to every token (one SwiGLU of shared_experts x expert width)",
+        "min": 0})
     expert_ffn_dim: int = field(default=0, metadata={
-        "help": "hidden size of one expert; 0 = the model's ffn size"})
+        "help": "hidden size of one expert; 0 = the model's ffn size", "min": 0, "zero": "0 = derived"})
     renormalize: bool = field(default=True, metadata={
         "help": "rescale the top-k probabilities to sum to 1 (only when top_k > 1)"})
 
     def validate(self):
-        if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"model.moe needs num_experts >= 1 and 1 <= top_k <= num_experts "
-                             f"(got {self.num_experts}, {self.top_k})")
-        if self.every_n_layers < 1:
-            raise ValueError(f"model.moe.every_n_layers must be >= 1 (got {self.every_n_layers})")
-        if self.capacity_factor < 0 or self.shared_experts < 0 or self.expert_ffn_dim < 0:
-            raise ValueError("model.moe.capacity_factor, shared_experts and expert_ffn_dim must be >= 0")
+        """Checks across fields; each field's own range is in its metadata."""
+        if self.top_k > self.num_experts:
+            raise ValueError(f"model.moe.top_k ({self.top_k}) must be <= model.moe.num_experts "
+                             f"({self.num_experts})")
         if 0 < self.capacity_factor * self.top_k < 1e-9:
             raise ValueError("model.moe.capacity_factor is too small to keep any token; use 0 (dropless) "
                              "or a value like 1.25")
@@ -45,26 +49,29 @@ class ModelConfig:
     """A Llama-style decoder (or bidirectional encoder)."""
 
     vocab_size: int = field(default=0, metadata={
-        "help": "vocabulary size; 0 = the tokenizer's, rounded up to a multiple of 64"})
-    dim: int = field(default=256, metadata={"help": "hidden size"})
-    n_layers: int = field(default=4, metadata={"help": "transformer blocks"})
-    n_heads: int = field(default=4, metadata={"help": "query heads"})
-    n_kv_heads: int = field(default=0, metadata={"help": "key/value heads (GQA); 0 = n_heads"})
+        "help": "vocabulary size; 0 = the tokenizer's, rounded up to a multiple of 64",
+        "min": 0, "zero": "0 = derived"})
+    dim: int = field(default=256, metadata={"help": "hidden size", "min": 1})
+    n_layers: int = field(default=4, metadata={"help": "transformer blocks", "min": 1})
+    n_heads: int = field(default=4, metadata={"help": "query heads", "min": 1})
+    n_kv_heads: int = field(default=0, metadata={
+        "help": "key/value heads (GQA); 0 = n_heads", "min": 0, "zero": "0 = derived"})
     ffn_dim: int = field(default=0, metadata={
-        "help": "MLP hidden size; 0 = 8/3 * dim rounded up to a multiple of 64"})
+        "help": "MLP hidden size; 0 = 8/3 * dim rounded up to a multiple of 64",
+        "min": 0, "zero": "0 = derived"})
     mlp: str = field(default="swiglu", metadata={
         "help": "MLP block: swiglu (dense) or moe (experts in the layers model.moe selects)",
         "choices": ["swiglu", "moe"]})
     moe: MoEConfig = field(default_factory=MoEConfig, metadata={
         "help": "Mixture-of-Experts settings (used when mlp = moe)"})
-    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
-    norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base", "gt": 0})
+    norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon", "gt": 0})
     tie_embeddings: bool = field(default=False, metadata={
         "help": "share the token embedding with the LM head"})
     causal: bool = field(default=True, metadata={
         "help": "true = causal decoder; false = bidirectional encoder"})
     init_std: float = field(default=0.02, metadata={
-        "help": "init std; residual output projections get std / sqrt(2 * n_layers)"})
+        "help": "init std; residual output projections get std / sqrt(2 * n_layers)", "gt": 0})
 
     @property
     def kv_heads(self) -> int:
@@ -79,15 +86,7 @@ class ModelConfig:
         return self.ffn_dim or -(-(8 * self.dim // 3) // 64) * 64
 
     def validate(self):
-        for name in ("dim", "n_layers", "n_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("vocab_size", "n_kv_heads", "ffn_dim"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"model.{name} must be >= 0 (0 = derived; got {getattr(self, name)})")
-        for name in ("rope_theta", "norm_eps", "init_std"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"model.{name} must be > 0 (got {getattr(self, name)})")
+        """Checks across fields (the ranges ran first, so n_heads >= 1 here)."""
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
         if self.n_heads % self.kv_heads:

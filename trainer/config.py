@@ -1,10 +1,12 @@
 """The recipe: YAML (omegaconf) + `--set` overrides -> typed, validated dataclasses.
 
-Each folder owns its section's dataclass; this module composes them, checks keys and types
-against the schema, and turns every user mistake into one ConfigError line.
+Each folder owns its section's dataclass; this module composes them, checks keys, types, choices
+and ranges (declared as field metadata beside each field) against the schema, runs each section's
+cross-field validate(), and turns every user mistake into one ConfigError line.
 """
 import dataclasses
 import difflib
+import operator
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +94,7 @@ def _coerce(value, tp, where: str):
 
 
 def _build(cls, values: dict, where: str):
-    """Instantiate dataclass `cls` from a plain dict, checking keys, types and choices."""
+    """Instantiate dataclass `cls` from a plain dict, checking keys, types, choices and ranges."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -107,12 +109,50 @@ def _build(cls, values: dict, where: str):
                               f"{did_you_mean(str(value), map(str, choices))}")
         kwargs[key] = value
     obj = cls(**kwargs)
+    _check_own(obj, where)  # subsections were checked when _coerce built them
+    return obj
+
+
+# Field metadata that bounds a number: key -> (test, symbol, interval bracket), lower bounds first;
+# an optional "zero" note says what 0 means. A test holds every section to these keys.
+RANGE_KEYS = {"min": (operator.ge, ">=", "["), "gt": (operator.gt, ">", "("),
+              "max": (operator.le, "<=", "]"), "lt": (operator.lt, "<", ")")}
+
+
+def _range_fault(meta, value) -> str:
+    """Why `value` breaks the field's min/gt/max/lt metadata, as 'must ... (got v)'; '' if it fits."""
+    bounds = [k for k in RANGE_KEYS if k in meta]
+    if all(RANGE_KEYS[k][0](value, meta[k]) for k in bounds):  # NaN fails every bound
+        return ""
+    got = f"({meta['zero']}; got {value})" if "zero" in meta else f"(got {value})"
+    if len(bounds) == 2:
+        lo, hi = bounds
+        return f"must lie in {RANGE_KEYS[lo][2]}{meta[lo]}, {meta[hi]}{RANGE_KEYS[hi][2]} {got}"
+    return f"must be {RANGE_KEYS[bounds[0]][1]} {meta[bounds[0]]} {got}"
+
+
+def _check_own(obj, where: str) -> None:
+    """One section's own fields: metadata ranges first (validate() may divide by a field), then
+    its cross-field validate(); any fault becomes one ConfigError line."""
+    for f in dataclasses.fields(obj):
+        fault = _range_fault(f.metadata, getattr(obj, f.name))
+        if fault:
+            raise ConfigError(f"{where}.{f.name} {fault}" if where else f"{f.name} {fault}")
     if hasattr(obj, "validate"):
         try:
             obj.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    return obj
+
+
+def check_section(obj, where: str) -> None:
+    """Check a section built in code (e.g. `ModelConfig(...)`) as loading a recipe would, its
+    subsections included; `where` is its recipe key, e.g. "model". Raises ConfigError."""
+    for f in dataclasses.fields(obj):
+        child = getattr(obj, f.name)
+        if dataclasses.is_dataclass(child):
+            check_section(child, f"{where}.{f.name}" if where else f.name)
+    _check_own(obj, where)
 
 
 def _check_combination(r: Recipe) -> None:

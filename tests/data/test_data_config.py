@@ -1,10 +1,12 @@
-"""DataConfig: defaults validate, impossible values name themselves."""
+"""DataConfig: defaults validate, impossible values name themselves (ranges through the recipe's
+one validation place, check_section)."""
 
 import dataclasses
 
 import pytest
 
 from kiln.data.config import DataConfig
+from kiln.trainer.config import ConfigError, check_section
 
 
 def test_defaults_validate_and_fields_have_help():
@@ -22,8 +24,8 @@ def test_defaults_validate_and_fields_have_help():
     ({"cache_dir": ""}, "cache_dir"), ({"text_field": ""}, "text_field"),
 ])
 def test_impossible_values_raise_one_line(change, word):
-    with pytest.raises(ValueError, match=word) as e:
-        DataConfig(**change).validate()
+    with pytest.raises(ConfigError, match=word) as e:
+        check_section(DataConfig(**change), "data")
     assert "\n" not in str(e.value)
 
 

@@ -1,10 +1,13 @@
 """Recipes: round trip, overrides, every validation message, shipped recipes, README reference."""
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
-from kiln.trainer.config import (ConfigError, Recipe, from_dict, load_recipe, parse_overrides,
-                                 reference_markdown, to_dict, to_yaml)
+from kiln.model.config import ModelConfig, MoEConfig
+from kiln.trainer.config import (RANGE_KEYS, ConfigError, Recipe, _range_fault, check_section, from_dict,
+                                 load_recipe, parse_overrides, reference_markdown, to_dict, to_yaml)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,6 +111,56 @@ def test_out_of_range_numbers(tmp_path, text, expected):
     eval_every), n_heads=0 (a ZeroDivisionError), and optimizer values that train into NaN."""
     assert expected in error_of(tmp_path, text + "\n")
     assert load_recipe(write(tmp_path, "checkpoint: {every: 0, keep: 0}\n")).checkpoint.every == 0
+
+
+@pytest.mark.parametrize("values,expected", [
+    ({"data": {"seq_len": 0}}, "data.seq_len must be >= 1 (got 0)"),
+    ({"data": {"heldout_percent": 100}}, "data.heldout_percent must lie in (0, 100) (got 100.0)"),
+    ({"parallel": {"ep": 0}}, "parallel.ep must be >= 1 (got 0)"),
+    ({"model": {"moe": {"every_n_layers": 0}}}, "model.moe.every_n_layers must be >= 1 (got 0)"),
+    ({"train": {"placement_time_limit": 0}}, "train.placement_time_limit must be > 0 (got 0.0)"),
+    ({"train": {"profile_every": -1}}, "train.profile_every must be >= 0 (0 = off; got -1)"),
+    ({"optim": {"lr": float("nan")}}, "optim.lr must be > 0 (got nan)"),  # NaN fits no bound
+])
+def test_metadata_ranges_are_enforced_in_every_section(values, expected):
+    """The min/gt/max/lt beside each field are checked by _build, for every section alike."""
+    with pytest.raises(ConfigError) as e:
+        from_dict(values)
+    assert str(e.value) == expected
+
+
+def test_check_section_checks_code_built_sections_and_ranges_before_validate():
+    with pytest.raises(ConfigError, match=r"^model\.moe\.top_k must be >= 1 \(got 0\)$"):
+        check_section(ModelConfig(moe=MoEConfig(top_k=0)), "model")
+    with pytest.raises(ConfigError, match=r"^model\.n_heads must be >= 1"):  # before dim % n_heads
+        check_section(ModelConfig(n_heads=0), "model")
+    with pytest.raises(ConfigError, match="divisible by model.n_heads"):  # then validate()
+        check_section(ModelConfig(dim=30), "model")
+    check_section(Recipe(), "")  # every default lies in its own range
+
+
+def _leaf_metadata(cls, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaf_metadata(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f.metadata
+
+
+def test_range_metadata_uses_only_supported_keys():
+    """A typo such as "mni" would silently disable a check: every metadata key must be known."""
+    known = {"help", "choices", "zero"} | set(RANGE_KEYS)
+    ranged = 0
+    for key, meta in _leaf_metadata(Recipe):
+        assert set(meta) <= known, f"{key}: unsupported metadata {sorted(set(meta) - known)}"
+        assert not {"min", "gt"} <= set(meta) and not {"max", "lt"} <= set(meta), key
+        assert all(isinstance(meta[k], (int, float)) for k in RANGE_KEYS if k in meta), key
+        assert "zero" not in meta or "min" in meta, f"{key}: a zero note needs a min"
+        ranged += any(k in meta for k in RANGE_KEYS)
+    assert ranged >= 40  # the walk reaches the sections' ranged fields
+    assert _range_fault({"max": 4}, 5) == "must be <= 4 (got 5)"  # one-sided upper bounds
+    assert _range_fault({"lt": 1, "zero": "0 = off"}, 1) == "must be < 1 (0 = off; got 1)"
 
 
 def test_bad_files(tmp_path):
