@@ -204,7 +204,7 @@ def main() -> None:
     p = prepare(cfg, progress=False)
     dec = Decomposed.load(bucket_dir(p.dir, cfg.buckets, cfg.decompose_seed))
     base_loader = ChunkLoader(p.train_prefix, L, T // L, 0, 1, seed=args.seed + 1)
-    vsl_loader = build_decompose_loader(cfg, dec, "train", T, 0, 1, seed=args.seed + 1, horizon=args.steps)
+    decompose_loader = build_decompose_loader(cfg, dec, "train", T, 0, 1, seed=args.seed + 1, horizon=args.steps)
 
     mcfg = ModelConfig(vocab_size=-(-p.vocab_size // 64) * 64, dim=args.dim, n_layers=args.layers,
                        n_heads=args.heads)
@@ -234,8 +234,8 @@ def main() -> None:
                     r["doc_pairs"] += pairs(np.bincount(row))
                 r["pairs"] += len(batch["doc_ids"]) * pairs([L])
             else:
-                plan = vsl_loader.plan(step)
-                batch = vsl_loader.batch(step)
+                plan = decompose_loader.plan(step)
+                batch = decompose_loader.batch(step)
                 r["pairs"] += plan.rows * pairs([plan.seq_len])
                 r["doc_pairs"] = r["pairs"]
             t0 = time.perf_counter()
@@ -272,7 +272,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     if args.plot:
-        write_plot(args.plot, cfg, dec, vsl_loader, args)
+        write_plot(args.plot, cfg, dec, decompose_loader, args)
 
 
 def new_run(model, args) -> dict:

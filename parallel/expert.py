@@ -251,6 +251,21 @@ def apply_expert_parallel(model: nn.Module, ep_group, placement=None) -> ExpertP
     return ep
 
 
+def grad_norm(params, ep_group=None) -> float | None:
+    """Global L2 norm of the parameters' (already averaged) gradients. Expert-bank parameters
+    (`p.kiln_expert`) hold different experts on each rank of `ep_group`: their squares are summed
+    over that group, the others' are equal on every rank and counted once. None without grads."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return None
+    sq = [torch.zeros((), dtype=torch.float64, device=params[0].device) for _ in range(2)]
+    for p in params:
+        sq[bool(getattr(p, "kiln_expert", False))] += p.grad.double().square().sum()
+    if ep_group is not None:
+        dist.all_reduce(sq[1], group=ep_group)
+    return float((sq[0] + sq[1]).sqrt())
+
+
 def gather_experts(model: nn.Module) -> dict:
     """Every expert's weights in placement-independent form: {name: [L, E, ...]} on every rank
     (all_gather over the expert group; bank shapes are equal on all ranks). For tests and tools."""

@@ -191,15 +191,15 @@ def load_experts(model, ckpt_dir) -> None:
 
 
 class ExpertCheckpoint:
-    """Checkpoint hooks for an expert-parallel model, used by kiln.trainer.checkpoint:
-    `save(dir)` before DeepSpeed saves, `load_module` as DeepSpeed's custom_load_fn (strict
-    except for the expert bank, whose rows differ per rank and come from kiln's files) and
-    `load(dir)` after DeepSpeed has restored everything else."""
+    """The checkpoint part of an expert-parallel model (see kiln.trainer.checkpoint): its
+    `save_files(dir)` runs before DeepSpeed saves, `load_module` is DeepSpeed's custom_load_fn
+    (strict except for the expert bank, whose rows differ per rank and come from kiln's files)
+    and `load_files(dir)` runs after DeepSpeed has restored everything else."""
 
     def __init__(self, model, writer: bool):
         self.model, self.writer = model, writer
 
-    def save(self, ckpt_dir) -> None:
+    def save_files(self, ckpt_dir) -> None:
         save_experts(self.model, ckpt_dir, self.writer)
 
     def load_module(self, src, dst) -> None:
@@ -212,5 +212,5 @@ class ExpertCheckpoint:
                                  f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}): resume "
                                  f"with the parallel.ep and model settings it was saved with")
 
-    def load(self, ckpt_dir) -> None:
+    def load_files(self, ckpt_dir) -> None:
         load_experts(self.model, ckpt_dir)

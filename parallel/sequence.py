@@ -3,13 +3,16 @@
 The model's attention modules expose a replaceable `attn_fn(q, k, v, *, causal, scale, doc_ids)`;
 `apply_sequence_parallel` swaps in TokenRing (or Ring) over the sequence group. Batches are cut
 into zigzag shards by `shard_batch`, and `token_share` rescales each rank's mean loss so that
-the average over the group is the mean over the whole sequence's tokens.
+the average over the group is the mean over the whole sequence's tokens. `SequenceLayout` puts
+the two together for a training run: the trainer hands it every batch and never asks whether
+sequence parallelism is on.
 """
 import torch
 import torch.distributed as dist
 
 from kiln.parallel.comm import COMM_STATS
 from kiln.parallel.ring import ring_attention
+from kiln.parallel.sequence_switch import SequenceSwitch
 from kiln.parallel.tokenring import tokenring_attention
 from kiln.parallel.zigzag import zigzag_shard
 
@@ -40,6 +43,29 @@ def shard_batch(batch: dict, group) -> dict:
     the global positions and documents that cross a shard boundary stay whole.
     """
     return {k: zigzag_shard(v, group, dim=1) for k, v in batch.items()}
+
+
+class SequenceLayout:
+    """Sequence parallelism over `group` applied to `model`, and the batches laid out to match.
+
+    Without `ring_for` every batch is cut into zigzag shards (each rank of the group loaded the
+    same rows). With `ring_for(row_len) -> bool` (variable-length batches, see sequence_switch)
+    only the batches it accepts are sharded and run ring attention; the others stay whole on each
+    rank and run local attention. Every rank of a group sees the same row length, so they agree.
+    """
+
+    def __init__(self, model: torch.nn.Module, group, impl: str = "tokenring", ring_for=None):
+        apply_sequence_parallel(model, group, impl)
+        self.group, self.ring_for = group, ring_for
+        self.switch = SequenceSwitch(model) if ring_for is not None else None
+
+    def __call__(self, batch: dict) -> dict:
+        """This rank's part of `batch` ([B, S] tensors) for the next forward."""
+        if self.switch is not None:
+            self.switch.on = bool(self.ring_for(batch["input_ids"].shape[1]))
+            if not self.switch.on:
+                return batch
+        return shard_batch(batch, self.group)
 
 
 def token_share(labels: torch.Tensor, group, ignore_index: int = -100) -> torch.Tensor:

@@ -1,8 +1,16 @@
-"""Checkpoints: DeepSpeed's engine state plus kiln's own (step, tokens, RNG, recipe).
+"""Checkpoints: DeepSpeed's engine state plus kiln's own (RNG, recipe, and the state of the parts).
 
 Layout: <run_dir>/checkpoints/step_00000100/... with DeepSpeed's `latest` file naming the
 newest complete one. DeepSpeed writes `latest` only after every file of a tag is saved, so a
 run killed mid-save resumes from the previous checkpoint.
+
+What kiln saves beside the engine is collected from the components that own it, the *parts*
+of a stage (`parts={name: part}`), each with any of:
+  * `state_dict() -> dict` / `load_state_dict(dict)`: JSON state, stored under its name in
+    kiln_state.json and in DeepSpeed's client state (the loop's progress: step, tokens);
+  * `save_files(tag_dir)` / `load_files(tag_dir)`: files of its own (every rank calls them:
+    expert-parallel banks are saved by (layer, expert), see kiln.parallel.expert_state);
+  * `load_module(src, dst)`: DeepSpeed's custom_load_fn for the module weights (at most one part).
 """
 import contextlib
 import json
@@ -63,6 +71,26 @@ def saved_recipe(run_dir: Path) -> dict | None:
         raise CheckpointError(f"{f} is corrupt: run with --no-resume to start over") from None
 
 
+def upgrade_state(state: dict) -> dict:
+    """kiln's checkpoint state in today's form: {part name: state}. Checkpoints saved before the
+    parts existed hold the loop's {"step", "tokens"} alone."""
+    if "progress" not in state and "step" in state:
+        return {"progress": state}
+    return state
+
+
+def saved_state(run_dir: Path) -> dict | None:
+    """kiln's state (kiln_state.json) of the newest checkpoint, or None if there is none."""
+    tag = latest_tag(run_dir)
+    f = ckpt_root(run_dir) / tag / "kiln_state.json" if tag else None
+    if f is None or not f.is_file():
+        return None
+    try:
+        return upgrade_state(json.loads(f.read_text()))
+    except ValueError:
+        raise CheckpointError(f"{f} is corrupt: {_way_out(run_dir, tag)}") from None
+
+
 def check_compatible(run_dir: Path, recipe_dict: dict) -> None:
     """Refuse to resume a checkpoint whose model (or world layout) differs from the recipe."""
     old = saved_recipe(run_dir)
@@ -76,12 +104,11 @@ def check_compatible(run_dir: Path, recipe_dict: dict) -> None:
                 f"{new_value!r}: use another train.name, or --no-resume to start over")
 
 
-def save(engine, run_dir: Path, step: int, state: dict, recipe_dict: dict, keep: int,
-         experts=None) -> Path:
-    """Save engine + kiln state for `step` (collective: every rank calls it); prune old ones.
-    `experts` (kiln.parallel.expert_state.ExpertCheckpoint) saves sharded experts too."""
+def save(engine, run_dir: Path, step: int, parts: dict, recipe_dict: dict, keep: int) -> Path:
+    """Save engine + the parts' state for `step` (collective: every rank calls it); prune old ones."""
     root, tag = ckpt_root(run_dir), tag_for(step)
     rank = dist.get_rank()
+    state = {name: part.state_dict() for name, part in parts.items() if hasattr(part, "state_dict")}
     with _writing(run_dir, tag):
         # kiln's files first: DeepSpeed's `latest` (written last) then marks the tag complete.
         (root / tag).mkdir(parents=True, exist_ok=True)
@@ -89,8 +116,9 @@ def save(engine, run_dir: Path, step: int, state: dict, recipe_dict: dict, keep:
         if rank == 0:
             (root / tag / "kiln_recipe.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
             (root / tag / "kiln_state.json").write_text(json.dumps(state))
-        if experts is not None:
-            experts.save(root / tag)
+        for part in parts.values():
+            if hasattr(part, "save_files"):
+                part.save_files(root / tag)
     dist.barrier()
     with _writing(run_dir, tag):
         engine.save_checkpoint(str(root), tag=tag, client_state={"kiln": state})
@@ -138,17 +166,19 @@ def _storage_failure(e: BaseException) -> bool:
                                     "File too large", "Disk quota"))
 
 
-def load(engine, run_dir: Path, experts=None) -> dict | None:
-    """Restore the newest checkpoint into `engine`; returns kiln's state, or None if none.
-    `experts` (an ExpertCheckpoint) restores sharded experts, which DeepSpeed does not save."""
+def load(engine, run_dir: Path, parts: dict) -> dict | None:
+    """Restore the newest checkpoint into `engine` and the parts; returns kiln's state, or None
+    if there is no checkpoint."""
     tag = latest_tag(run_dir)
     if tag is None:
         return None
+    module_loaders = [part.load_module for part in parts.values() if hasattr(part, "load_module")]
     try:
         path, client = engine.load_checkpoint(str(ckpt_root(run_dir)), tag=tag,
-                                              custom_load_fn=experts.load_module if experts else None)
-        if experts is not None and path is not None:
-            experts.load(ckpt_root(run_dir) / tag)
+                                              custom_load_fn=module_loaders[0] if module_loaders else None)
+        for part in parts.values():
+            if path is not None and hasattr(part, "load_files"):
+                part.load_files(ckpt_root(run_dir) / tag)
         rng = ckpt_root(run_dir) / tag / f"rng_rank{dist.get_rank()}.pt"
         if path is not None and rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=False))
@@ -161,7 +191,11 @@ def load(engine, run_dir: Path, experts=None) -> dict | None:
     if path is None or "kiln" not in (client or {}):
         raise CheckpointError(f"checkpoint {ckpt_root(run_dir) / tag} could not be loaded: "
                               f"{_way_out(run_dir, tag)}")
-    return client["kiln"]
+    state = upgrade_state(client["kiln"])
+    for name, part in parts.items():
+        if hasattr(part, "load_state_dict"):
+            part.load_state_dict(state.get(name, {}))
+    return state
 
 
 def _way_out(run_dir: Path, tag: str) -> str:

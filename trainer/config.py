@@ -188,7 +188,7 @@ def _check_combination(r: Recipe) -> None:
     if r.objective.name == "clm" and not r.model.causal:
         raise ConfigError("objective.name=clm needs model.causal=true (an encoder would see the "
                           "tokens it predicts)")
-    from kiln.trainer.decompose_run import check_recipe  # data.packing=decompose, variable batches
+    from kiln.trainer.batches import check_recipe  # data.packing=decompose, variable batches
 
     try:
         check_recipe(r)

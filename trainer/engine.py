@@ -70,3 +70,14 @@ def build_engine(objective: torch.nn.Module, recipe, bf16: bool):
             if getattr(module, "_tied", None):
                 deepspeed.zero.register_external_parameter(module, module.matrix)
     return engine
+
+
+def grad_norm(engine, ep_group=None) -> float | None:
+    """Global L2 norm of the (already averaged) gradients, before clipping; None under ZeRO-2/3
+    where the gradients are partitioned and the ZeRO optimizer reports the norm itself.
+    Expert-parallel shards are summed over `ep_group` (kiln.parallel.expert.grad_norm)."""
+    from kiln.parallel.expert import grad_norm as parallel_grad_norm
+
+    if engine.zero_optimization_stage() >= 2:
+        return None
+    return parallel_grad_norm(engine.module.parameters(), ep_group)

@@ -18,7 +18,7 @@ from kiln.parallel.placement.metrics import Topology, evaluate
 from kiln.parallel.routing import RoutingProfiler, latest_profile, placement_quality, save_profile
 from kiln.trainer.checkpoint import ckpt_root, latest_tag
 from kiln.trainer.config import ConfigError, from_dict, load_recipe
-from kiln.trainer.moe_run import cost_model
+from kiln.trainer.hooks.moe import cost_model
 
 
 def _run_recipe(run_dir: Path):
@@ -69,7 +69,7 @@ def _checkpoint_dir(path: Path) -> tuple[Path, Path]:
 def load_unsharded(tag_dir: Path, recipe, vocab: int):
     """The model of a checkpoint on one CPU process, whatever its ZeRO stage and placement."""
     from kiln.parallel.expert_state import expert_files, read_full_experts
-    from kiln.trainer.loop import resolve_model
+    from kiln.trainer.stage import resolve_model
     from kiln.model import Transformer
 
     model = Transformer(resolve_model(recipe, vocab))

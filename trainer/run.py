@@ -1,2 +1,107 @@
-"""A training run: the process-long Run, its stages, and the entry point of one rank."""
-from kiln.trainer.loop import train  # noqa: F401  (the Run -> Stage -> loop spine replaces it)
+"""A training run in one rank: the process-long `Run`, the stages it trains, and `train()`.
+
+    Run.start  device, torch.distributed, process groups, threads, kernels, prepared data
+      for each stage (today one per recipe; growth adds more):
+        Stage.build    model -> parallelize -> objective -> engine -> hooks
+        Stage.resume   the newest checkpoint, if any: the step to start from
+        train_stage    the loop (kiln.trainer.loop)
+        Stage.teardown
+    Run.close   metrics file and W&B
+
+The run's metrics file and W&B run (the Monitor) live as long as the Run, across stages.
+"""
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from kiln import kernels
+from kiln.data.prepare import Prepared
+from kiln.model import count_params
+from kiln.parallel.mesh import Mesh, build_mesh
+from kiln.trainer import checkpoint
+from kiln.trainer.config import to_dict
+from kiln.trainer.launch import init_distributed, pick_device
+from kiln.trainer.loop import train_stage
+from kiln.trainer.monitor import Monitor, peak_flops
+from kiln.trainer.stage import Stage
+
+
+@dataclasses.dataclass
+class Run:
+    """What lives for the whole process: device, groups, data, run directory, monitor."""
+
+    recipe: object
+    run_dir: Path
+    device: torch.device
+    mesh: Mesh
+    data: Prepared
+    threads: int
+    bf16: bool
+    resume: bool
+    peak_flops: float = 0.0  # all ranks together, for MFU
+    monitor: Monitor | None = None
+
+    @classmethod
+    def start(cls, recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> "Run":
+        """Join the launched world and set this process up (collective)."""
+        device = pick_device(recipe)
+        init_distributed(device, recipe.train.dist_timeout_s)
+        mesh = build_mesh(recipe.parallel.sp, recipe.parallel.ep)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        threads = recipe.train.threads or max(1, (os.cpu_count() or 1) // local_world)
+        torch.set_num_threads(threads)
+        kernels.configure(recipe.kernels)
+        p = recipe.train.precision
+        bf16 = p == "bf16" or (p == "auto" and device.type == "cuda")
+        return cls(recipe=recipe, run_dir=Path(run_dir), device=device, mesh=mesh, data=Prepared.load(data_dir),
+                   threads=threads, bf16=bf16, resume=resume)
+
+    @property
+    def rank0(self) -> bool:
+        return dist.get_rank() == 0
+
+    def stages(self) -> list[Stage]:
+        """The stages this recipe trains, in order (one model, train.steps steps, for now)."""
+        return [Stage(self, self.recipe)]
+
+    def resume_point(self) -> tuple[int, int]:
+        """(stage, step) of the newest checkpoint; (0, 0) on a fresh start."""
+        state = checkpoint.saved_state(self.run_dir) if self.resume else None
+        progress = (state or {}).get("progress", {})
+        return int(progress.get("stage", 0)), int(progress.get("step", 0))
+
+    def open_monitor(self, start_step: int) -> None:
+        """The metrics file and W&B run, continued from `start_step` on resume (rank 0 writes)."""
+        if self.monitor is None:
+            self.peak_flops = peak_flops(self.device, self.threads, self.recipe.data.cache_dir) * dist.get_world_size()
+            self.monitor = Monitor(self.run_dir, self.recipe, to_dict(self.recipe), self.recipe.train.steps,
+                                   enabled=self.rank0, resume_step=start_step)
+
+    def announce(self, stage: Stage, start: int) -> None:
+        """One line: the model, the world and the steps ahead."""
+        if self.rank0:
+            print(f"kiln: {count_params(stage.model) / 1e6:.2f}M params, {dist.get_world_size()} ranks "
+                  f"({self.device.type}, {'bf16' if self.bf16 else 'fp32'}, ZeRO {self.recipe.parallel.zero_stage}), "
+                  f"{stage.batches.tokens_per_step:,} tokens/step, steps {start}->{stage.end}", flush=True)
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+        dist.barrier()
+
+
+def train(recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> None:
+    """Train `recipe` in this process as one rank of the already-launched world."""
+    run = Run.start(recipe, run_dir, data_dir, resume)
+    first, _ = run.resume_point()
+    for stage in run.stages()[first:]:  # stages before the checkpoint's are done
+        stage.build()
+        start = stage.resume()
+        run.open_monitor(start)
+        run.announce(stage, start)
+        train_stage(stage, stage.batches, stage.hooks, start, stage.end)
+        stage.teardown()
+    run.close()

@@ -165,7 +165,7 @@ def test_auto_placement_solve_outcome(tmp_path, ranks):
 
     from kiln.parallel.placement import check_placement, synthetic_profile
     from kiln.trainer.config import Recipe
-    from kiln.trainer.moe_run import _Solve
+    from kiln.trainer.hooks.moe import _Solve
 
     recipe = Recipe()
     recipe.train.placement_time_limit = 5.0

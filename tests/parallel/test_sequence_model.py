@@ -44,7 +44,7 @@ def _sp_matches_single_device(rank, world, dtype_name, impl):
     ref_loss.backward()
 
     apply_sequence_parallel(sp_model, dist.group.WORLD, impl)
-    sp = CausalLM(sp_model, sp_group=dist.group.WORLD)
+    sp = CausalLM(sp_model, loss_group=dist.group.WORLD)
     loss = sp(**shard_batch(batch, dist.group.WORLD))
     loss.backward()
     # what DeepSpeed does: average the loss and gradients over the ranks

@@ -4,7 +4,7 @@ local attention) both give the single-rank loss and gradients.
 
 4 real gloo ranks (2 sequence groups of 2), fp64. Rows come from the real DecomposeLoader over
 decomposition buckets; the loss is normalised over the world group as the trainer does
-(kiln.trainer.decompose_run), and gradients are averaged over all ranks as DeepSpeed does.
+(kiln.trainer.batches), and gradients are averaged over all ranks as DeepSpeed does.
 Labels are masked unevenly (by token value), so ranks hold different numbers of labels.
 """
 import copy
@@ -44,7 +44,7 @@ def _case(rank, world, prefixes):
     model = copy.deepcopy(ref_model)
     apply_sequence_parallel(model, sp_group, "tokenring")
     switch = SequenceSwitch(model)
-    objective = CausalLM(model, sp_group=dist.group.WORLD)  # the trainer's loss normalisation
+    objective = CausalLM(model, loss_group=dist.group.WORLD)  # the trainer's loss normalisation
     loader = DecomposeLoader(prefixes, T, rank, world, sp=sp, sp_min_len=SP_MIN, seed=1)
     ref_loader = DecomposeLoader(prefixes, T, 0, 1, seed=1)
     out = {}

@@ -1,6 +1,7 @@
-"""The MoE side of a training run: expert parallelism, placement, routing profiles, metrics.
+"""The MoE hook of a stage: expert placement, routing profiles and routing metrics.
 
-`MoERun.setup` is called by the loop after the model is built; it returns None for dense models.
+Expert parallelism itself is applied by kiln.parallel.apply.parallelize, under the placement
+`start_placement` picks; `MoEHook.create` returns None for dense models.
 Placement (`train.placement`):
   * contiguous / PATH (placement.json): applied on start; on resume the checkpoint is restored
     under the placement it was saved with and the experts then migrate to the requested one;
@@ -18,12 +19,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kiln.parallel.expert import A2A_STATS, apply_expert_parallel, contiguous_placement, moe_blocks
+from kiln.parallel.expert import A2A_STATS, contiguous_placement, moe_blocks
 from kiln.parallel.placement import place
 from kiln.parallel.placement.io import PlacementError, PlacementResult
 from kiln.parallel.placement.metrics import CostModel, Topology
 from kiln.parallel.routing import RoutingProfiler, placement_quality, save_profile, wandb_heatmaps
 from kiln.trainer.checkpoint import CheckpointError, ckpt_root, latest_tag
+from kiln.trainer.hooks import Hook
 
 
 def cost_model(model_cfg, bf16: bool) -> CostModel:
@@ -41,56 +43,76 @@ def requested_placement(spec: str, layers: int, experts: int, ranks: int):
     return PlacementResult.from_json(spec, layers, experts, ranks).placement
 
 
-class MoERun:
-    """Holds the MoE pieces of one rank's run (see module doc)."""
+def start_placement(recipe, model_cfg, run_dir, resume: bool):
+    """The placement expert parallelism starts from: the resumed checkpoint's, else the one
+    train.placement asks for (contiguous for auto); None without expert parallelism."""
+    ep = recipe.parallel.ep
+    saved = resume_placement(run_dir, ep) if resume else None  # refuses another parallel.ep's checkpoint
+    if ep == 1:
+        return None
+    if saved is not None:
+        return saved
+    return requested_placement(recipe.train.placement, model_cfg.moe_layers, model_cfg.moe.num_experts, ep)
 
-    def __init__(self, recipe, model, mesh, run_dir: Path, bf16: bool):
-        self.recipe, self.model, self.mesh, self.run_dir = recipe, model, mesh, Path(run_dir)
-        self.blocks = moe_blocks(model)
+
+class MoEHook(Hook):
+    """The MoE pieces of one rank's stage (see module doc)."""
+
+    def __init__(self, stage):
+        self.recipe, self.model, self.run_dir = stage.recipe, stage.model, Path(stage.run.run_dir)
+        self.blocks = moe_blocks(self.model)
         self.layers, self.experts = len(self.blocks), self.blocks[0].num_experts
-        self.ep = recipe.parallel.ep
-        self.bf16 = bf16
-        self.profiler = RoutingProfiler(model)
+        self.ep = self.recipe.parallel.ep
+        self.bf16 = stage.run.bf16
+        self.profiler = RoutingProfiler(self.model)
         self.last_profile = None
         self.want = None
+        if self.ep > 1:
+            self.want = requested_placement(self.recipe.train.placement, self.layers, self.experts, self.ep)
         self.solve = None  # an auto re-solve in flight: a _Solve on rank 0, True elsewhere
+        self.routed_under = None  # the placement this log window's tokens were routed under, if it changed
+        self.edp_group = stage.run.mesh.edp_group
 
     @classmethod
-    def setup(cls, recipe, model, mesh, run_dir, bf16: bool, saved_placement=None):
-        """Apply expert parallelism under the placement to start from; None for a dense model.
+    def create(cls, stage):
+        """The hook for a stage whose model has MoE blocks, else None."""
+        return cls(stage) if moe_blocks(stage.model) else None
 
-        saved_placement: the placement of the checkpoint being resumed (None on a fresh start).
-        """
-        if not moe_blocks(model):
-            return None
-        run = cls(recipe, model, mesh, run_dir, bf16)
-        if run.ep > 1:
-            from kiln.parallel.expert_deepspeed import mark_expert_params
+    def parts(self) -> dict:
+        """Expert-parallel banks are saved by kiln itself (DeepSpeed keeps rank 0's rows only)."""
+        if self.ep == 1:
+            return {}
+        from kiln.parallel.expert_state import ExpertCheckpoint
 
-            run.want = requested_placement(recipe.train.placement, run.layers, run.experts, run.ep)
-            start = saved_placement if saved_placement is not None else run.want
-            apply_expert_parallel(model, mesh.ep_group, start)
-            mark_expert_params(model, run.ep)
-        return run
+        return {"experts": ExpertCheckpoint(self.model, writer=dist.get_rank(self.edp_group) == 0)}
 
     @property
     def placement(self):
         return self.model.kiln_ep.placement if self.ep > 1 else None
 
-    def after_resume(self, engine) -> None:
+    def after_resume(self, stage, step: int) -> None:
         """Migrate from the checkpoint's placement to the requested one (no-op if equal or auto)."""
         if self.ep > 1 and self.want is not None and not np.array_equal(self.want, self.placement):
-            self._migrate(self.want, engine, "train.placement")
+            self._migrate(self.want, stage.engine, "train.placement")
+
+    def eval_begin(self, stage) -> None:
+        self.profiler.active = False  # profiles and routing metrics describe training batches
+
+    def eval_end(self, stage) -> None:
+        self.profiler.active = True
 
     def _migrate(self, placement, engine, why: str) -> None:
         from kiln.parallel.expert_state import migrate
 
+        if self.routed_under is None:
+            self.routed_under = self.placement
         info = migrate(self.model, placement, engine.optimizer)
         if dist.get_rank() == 0:
             print(f"kiln: {why}: moved {info['moved_experts']} experts to the new placement", flush=True)
 
-    def on_step_end(self, step: int, engine, monitor) -> None:
+    def step_end(self, stage, step: int, seconds: float) -> None:
         """Save a routing profile / re-solve the placement when their intervals come up."""
+        engine, monitor = stage.engine, stage.run.monitor
         t = self.recipe.train
         if t.profile_every and step % t.profile_every == 0:
             prof = self.profiler.snapshot("profile")
@@ -135,12 +157,16 @@ class MoERun:
         elif dist.get_rank() == 0:
             print(f"kiln: {why}: unchanged", flush=True)
 
-    def metrics(self, steps: int, device) -> dict:
-        """Routing quality, all-to-all bytes/time per step and aux loss (collective: all ranks call)."""
+    def metrics(self, stage, steps: int) -> dict:
+        """Routing quality, all-to-all bytes/time per step and aux loss (collective: all ranks call).
+        Quality is judged under the placement the window's tokens were routed under."""
+        device = stage.run.device
         out = {}
         prof = self.profiler.snapshot("metrics")
         if prof is not None:
-            out.update(placement_quality(prof, self.placement, self.ep))
+            routed = self.routed_under if self.routed_under is not None else self.placement
+            out.update(placement_quality(prof, routed, self.ep))
+        self.routed_under = None
         a2a = A2A_STATS.snapshot()
         aux = sum(float(b.aux_loss.detach()) for b in self.blocks if b.aux_loss is not None)
         dropped = sum(int(b.stats.get("dropped", 0)) for b in self.blocks)
@@ -153,7 +179,7 @@ class MoERun:
                         "moe/a2a_s_per_step": t[1].item() / world / max(steps, 1)})
         return out
 
-    def line(self, rec: dict) -> str:
+    def console(self, rec: dict) -> str:
         """The console suffix for a metrics record."""
         s = f" | moe aux {rec.get('moe/aux_loss', 0):.3f}"
         if "moe/balance_min" in rec:
@@ -165,12 +191,11 @@ class MoERun:
         return s
 
 
-
 class _Solve:
     """Rank 0's auto re-solve (the ILP, time-limited; stage 3 if asked) in a thread: HiGHS releases
     the GIL, so with train.placement_async the training loop goes on meanwhile."""
 
-    def __init__(self, run: MoERun, prof, step: int):
+    def __init__(self, run: MoEHook, prof, step: int):
         import threading
 
         t = run.recipe.train
@@ -219,12 +244,3 @@ def resume_placement(run_dir, ep: int):
         raise CheckpointError(f"checkpoint {tag_dir} was saved with parallel.ep={max(ranks, 1)} but the "
                               f"recipe says {ep}: resume with parallel.ep={max(ranks, 1)} or use --no-resume")
     return placement
-
-
-def expert_checkpoint(model, mesh):
-    """Checkpoint hooks for sharded experts (None without expert parallelism)."""
-    if not hasattr(model, "kiln_ep"):
-        return None
-    from kiln.parallel.expert_state import ExpertCheckpoint
-
-    return ExpertCheckpoint(model, writer=dist.get_rank(mesh.edp_group) == 0)

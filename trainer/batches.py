@@ -1,0 +1,64 @@
+"""The batches of a stage: the recipe's packing as one BatchSource (kiln.data.batches), plus
+the held-out batches and the rule that picks sequence parallelism per batch.
+
+Decomposition (data.packing = decompose): each step is one bucket, tokens_per_step / 2^k rows of
+2^k tokens (kiln.data.decompose_loader). Tokens per step are constant, so tokens seen =
+step x tokens_per_step and the LR schedule's progress step / train.steps equals tokens seen /
+total tokens: keying it to steps is keying it to tokens. Its ranks hold different numbers of
+valid labels, so the loss of every rank is scaled by its token share over *all* ranks
+(BatchSource.global_token_mean), whether a step's rows were split data-parallel or sharded
+along the sequence.
+"""
+from kiln.data.decompose_loader import check_layout, uses_sp
+from kiln.data.loader import ChunkLoader, build_loader
+
+
+def tokens_per_step(recipe, world: int) -> int:
+    """decompose: train.tokens_per_step, or micro_batch rows of the longest bucket per data-parallel rank."""
+    t, p = recipe.train, recipe.parallel
+    return t.tokens_per_step or t.micro_batch * t.grad_accum * (world // p.sp) * (1 << recipe.data.buckets[1])
+
+
+def check_recipe(recipe, world: int | None = None) -> None:
+    """ValueError (one line) for a recipe whose decomposition settings cannot run."""
+    t, p, d = recipe.train, recipe.parallel, recipe.data
+    world = world or t.nproc
+    if d.packing != "decompose":
+        if p.sp_min_len:
+            raise ValueError("parallel.sp_min_len applies to data.packing=decompose: remove it or "
+                             "set data.packing=decompose")
+        if t.tokens_per_step:
+            raise ValueError("train.tokens_per_step applies to data.packing=decompose; concat steps "
+                             "hold micro_batch x grad_accum x ranks x data.seq_len tokens: remove it")
+        return
+    check_layout(tokens_per_step(recipe, world), d.buckets, world, p.sp, p.sp_min_len, t.grad_accum)
+
+
+def train_batches(recipe, data, mesh):
+    """The training BatchSource of this rank: concat-and-chunk or decomposition buckets."""
+    d, t = recipe.data, recipe.train
+    if d.packing == "decompose":
+        from kiln.data.decompose import Decomposed, bucket_dir
+        from kiln.data.decompose_loader import build_decompose_loader
+
+        check_recipe(recipe, mesh.world)
+        dec = Decomposed.load(bucket_dir(data.dir, d.buckets, d.decompose_seed), checksum=False)
+        return build_decompose_loader(d, dec, "train", tokens_per_step(recipe, mesh.world), mesh.rank,
+                                      mesh.world, sp=mesh.sp, sp_min_len=recipe.parallel.sp_min_len,
+                                      seed=t.seed, grad_accum=t.grad_accum, horizon=t.steps)
+    return build_loader(d, data.train_prefix, micro_batch=t.micro_batch, dp_rank=mesh.dp_rank,
+                        dp_size=mesh.dp, seed=t.seed, grad_accum=t.grad_accum)
+
+
+def held_out_batches(recipe, data, mesh) -> ChunkLoader:
+    """Fixed held-out windows of data.seq_len, each data-parallel rank its own."""
+    t = recipe.train
+    return ChunkLoader(data.valid_prefix, recipe.data.seq_len, t.micro_batch, mesh.dp_rank, mesh.dp, t.seed)
+
+
+def ring_for(recipe):
+    """decompose with sp > 1: which row lengths run sequence-parallel (None: every batch does)."""
+    p = recipe.parallel
+    if recipe.data.packing != "decompose":
+        return None
+    return lambda row_len: uses_sp(row_len, p.sp, p.sp_min_len)

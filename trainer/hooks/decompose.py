@@ -1,0 +1,34 @@
+"""Dataset decomposition's hook: what each variable-length step was made of, and tokens/s per bucket.
+
+Every step logs its bucket, row length, rows, whether it ran sequence-parallel, its causal
+attention FLOPs and its time on this rank (a record of its own, every step); each train record
+adds the window's tokens/s per bucket (this rank's clock x all ranks' tokens).
+"""
+from kiln.model import attention_flops, causal_pairs
+from kiln.trainer.hooks import Hook
+
+
+class DecomposeHook(Hook):
+    """Per-step and per-bucket metrics of a data.packing=decompose stage."""
+
+    def __init__(self):
+        self._window: dict[int, list[float]] = {}  # bucket -> [tokens, seconds]
+
+    @classmethod
+    def create(cls, stage):
+        return cls() if stage.recipe.data.packing == "decompose" else None
+
+    def step_end(self, stage, step: int, seconds: float) -> None:
+        batches = stage.batches
+        info = batches.step_metrics(step - 1)
+        w = self._window.setdefault(info["data/bucket"], [0.0, 0.0])
+        w[0] += batches.tokens_per_step
+        w[1] += seconds
+        pairs = causal_pairs(info["data/batch_size"], info["data/seq_len"])
+        stage.run.monitor.log({"step": step, **info, "data/attn_flops": attention_flops(stage.model_cfg, pairs),
+                               "data/step_s": seconds})
+
+    def metrics(self, stage, steps: int) -> dict:
+        out = {f"data/tokens_per_s_b{k}": w[0] / max(w[1], 1e-9) for k, w in sorted(self._window.items())}
+        self._window = {}
+        return out

@@ -1,0 +1,120 @@
+"""A stage of a run: one model trained over a range of steps.
+
+`Stage.build()` goes model -> parallelize -> objective -> engine -> hooks, `resume()` restores
+the newest checkpoint into it, and `teardown()` lets it go, so that a run can hold several
+stages one after another (growth ends one model and continues with a larger one).
+"""
+import dataclasses
+import gc
+
+import torch
+import torch.distributed as dist
+
+from kiln.model import Transformer
+from kiln.parallel.apply import parallelize
+from kiln.trainer import checkpoint
+from kiln.trainer.batches import held_out_batches, ring_for, train_batches
+from kiln.trainer.config import check_vocab, to_dict
+from kiln.trainer.engine import build_engine, grad_norm
+from kiln.trainer.hooks import stage_hooks
+from kiln.trainer.hooks.moe import start_placement
+from kiln.trainer.objectives import build_objective
+
+
+def resolve_model(recipe, vocab: int):
+    """The model config with vocab_size filled in from the tokenizer when it is 0."""
+    m = recipe.model
+    check_vocab(m.vocab_size, vocab)
+    if m.vocab_size == 0:
+        m = dataclasses.replace(m, vocab_size=-(-vocab // 64) * 64)
+    return m
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run is: its stage, optimizer steps done and tokens trained on (a checkpoint part)."""
+
+    stage: int = 0
+    step: int = 0
+    tokens: int = 0
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage, self.step, self.tokens = (int(state.get(k, 0)) for k in ("stage", "step", "tokens"))
+
+
+class Stage:
+    """One model of a run and everything built around it (see the module docstring)."""
+
+    def __init__(self, run, recipe, index: int = 0, end: int | None = None):
+        self.run, self.recipe, self.index = run, recipe, index
+        self.end = recipe.train.steps if end is None else end
+        self.progress = Progress(stage=index)
+
+    def build(self) -> "Stage":
+        run, recipe = self.run, self.recipe
+        mesh = run.mesh
+        self.model_cfg = resolve_model(recipe, run.data.vocab_size)
+        torch.manual_seed(recipe.train.seed)
+        # with expert parallelism each rank builds only the experts it keeps
+        self.model = Transformer(self.model_cfg, expert_device="meta" if mesh.ep > 1 else None)
+        self.batches = train_batches(recipe, run.data, mesh)
+        self.held_out = held_out_batches(recipe, run.data, mesh)
+        self.layout = parallelize(self.model, mesh, recipe.parallel, ring_for=ring_for(recipe),
+                                  placement=start_placement(recipe, self.model_cfg, run.run_dir, run.resume))
+        if recipe.train.compile:
+            self.model.compile_blocks()
+        if self.batches.global_token_mean:
+            loss_group = dist.group.WORLD
+        else:
+            loss_group = mesh.sp_group if mesh.sp > 1 else None
+        self.objective = build_objective(recipe.objective.name, self.model, recipe.objective,
+                                         loss_group=loss_group, seed=recipe.train.seed,
+                                         rank=mesh.rank).to(run.device)
+        self.engine = build_engine(self.objective, recipe, run.bf16)
+        self.recipe_dict = to_dict(recipe)
+        self.hooks = stage_hooks(self)
+        self.hooks.build(self)
+        return self
+
+    def parts(self) -> dict:
+        """What a checkpoint of this stage holds beside the engine (kiln.trainer.checkpoint)."""
+        return {"progress": self.progress, **self.hooks.parts()}
+
+    def resume(self) -> int:
+        """Restore the newest checkpoint, if any and if the run resumes; the first step to train."""
+        if self.run.resume:
+            checkpoint.load(self.engine, self.run.run_dir, self.parts())
+        self.hooks.after_resume(self, self.progress.step)
+        return self.progress.step
+
+    def save(self, step: int) -> None:
+        """Checkpoint after `step` (collective)."""
+        c = self.recipe.checkpoint
+        path = checkpoint.save(self.engine, self.run.run_dir, step, self.parts(), self.recipe_dict, c.keep)
+        if dist.get_rank() == 0:
+            print(f"kiln: checkpoint {path}", flush=True)
+
+    def prepare(self, batch: dict, step: int) -> dict:
+        """A training batch as the engine takes it: the objective's inputs, laid out, on the device."""
+        return self.place(self.objective.prepare_batch(batch, step))
+
+    def place(self, batch: dict) -> dict:
+        """This rank's part of `batch` for its sequence-parallel layout, on the device."""
+        if self.layout is not None:
+            batch = self.layout(batch)
+        return {k: v.to(self.run.device, non_blocking=True) for k, v in batch.items()}
+
+    def grad_norm(self) -> float | None:
+        """Global gradient norm before clipping (None where ZeRO partitions the gradients)."""
+        return grad_norm(self.engine, self.run.mesh.ep_group)
+
+    def teardown(self) -> None:
+        """Drop the model, engine and optimizer state (before the next stage builds its own)."""
+        for name in ("engine", "objective", "model", "hooks", "layout"):
+            setattr(self, name, None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
