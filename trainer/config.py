@@ -21,8 +21,9 @@ from kiln.kernels.config import KernelsConfig
 from kiln.model.config import ModelConfig
 from kiln.parallel.config import ParallelConfig
 from kiln.slurm.config import SlurmConfig
-from kiln.trainer.sections import (CheckpointConfig, LoggingConfig, ObjectiveConfig, OptimConfig, ScheduleConfig,
-                                   TrainConfig)
+from kiln.trainer.objectives.config import ObjectiveConfig
+from kiln.trainer.optim import OptimConfig, ScheduleConfig
+from kiln.trainer.run_config import CheckpointConfig, LoggingConfig, TrainConfig
 
 
 class ConfigError(Exception):
@@ -178,12 +179,12 @@ def _check_combination(r: Recipe) -> None:
         if experts % r.parallel.ep:
             raise ConfigError(f"{experts} experts (num_experts x MoE layers) do not divide over "
                               f"parallel.ep={r.parallel.ep} ranks: memory balance needs a multiple")
-    if r.train.placement != "contiguous":
+    if r.parallel.placement != "contiguous":
         if r.parallel.ep == 1:
-            raise ConfigError("train.placement applies to expert parallelism: set parallel.ep > 1 or "
-                              "leave train.placement=contiguous")
-        if r.train.placement != "auto" and not Path(r.train.placement).is_file():
-            raise ConfigError(f"train.placement={r.train.placement!r} is neither contiguous, auto nor an "
+            raise ConfigError("parallel.placement applies to expert parallelism: set parallel.ep > 1 or "
+                              "leave parallel.placement=contiguous")
+        if r.parallel.placement != "auto" and not Path(r.parallel.placement).is_file():
+            raise ConfigError(f"parallel.placement={r.parallel.placement!r} is neither contiguous, auto nor an "
                               "existing file: run `kiln place RUN_DIR` to write a placement.json")
     if r.objective.name == "clm" and not r.model.causal:
         raise ConfigError("objective.name=clm needs model.causal=true (an encoder would see the "
@@ -245,17 +246,39 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def from_dict(values: dict) -> Recipe:
-    """Validate a plain dict into a Recipe (raises ConfigError)."""
-    recipe = _build(Recipe, values, "")
+# Keys that moved to another section: (old section, key) -> new section.
+MOVED = {("train", key): "parallel" for key in (
+    "placement", "placement_every", "placement_time_limit", "placement_refine", "placement_async",
+    "placement_min_balance", "profile_every")}
+
+
+def upgrade_moved(values: dict, saved: bool) -> dict:
+    """Recipes written by kiln before a key moved (run dirs, checkpoints) are read as today's;
+    a user's recipe gets one line naming the key's new place."""
+    for (old, key), new in MOVED.items():
+        section = values.get(old)
+        if not isinstance(section, dict) or key not in section:
+            continue
+        if not saved:
+            raise ConfigError(f"{old}.{key} is now {new}.{key}: move it into the {new}: section "
+                              f"(or --set {new}.{key}=...)")
+        values = merge(values, {old: {}, new: {key: section[key]}})
+        values[old] = {k: v for k, v in section.items() if k != key}
+    return values
+
+
+def from_dict(values: dict, saved: bool = False) -> Recipe:
+    """Validate a plain dict into a Recipe (raises ConfigError). saved: a recipe kiln wrote
+    itself (a run dir's or a checkpoint's), whose moved keys are upgraded."""
+    recipe = _build(Recipe, upgrade_moved(values, saved), "")
     _check_combination(recipe)
     return recipe
 
 
-def load_recipe(path, overrides=()) -> Recipe:
-    """Load a recipe file, apply `--set` overrides, validate."""
+def load_recipe(path, overrides=(), saved: bool = False) -> Recipe:
+    """Load a recipe file, apply `--set` overrides, validate (saved: see from_dict)."""
     values = merge(load_yaml(path), parse_overrides(overrides))
-    recipe = from_dict(values)
+    recipe = from_dict(values, saved)
     if not recipe.train.name:
         recipe.train.name = Path(path).stem
     return recipe

@@ -1,21 +1,9 @@
 """The DeepSpeed engine: config generated from the recipe, optimizer and LR schedule kiln's own."""
-import math
-
 import deepspeed
 import torch
 
 from kiln.trainer.config import merge
-
-
-def lr_lambda(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
-    """LR multiplier at `step` (0-based): linear warmup, then cosine/linear decay to min_ratio."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if decay == "constant" or total <= warmup:
-        return 1.0
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    shape = 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1 - t
-    return min_ratio + (1 - min_ratio) * shape
+from kiln.trainer.optim import lr_lambda, param_groups
 
 
 def deepspeed_config(recipe, bf16: bool) -> dict:
@@ -31,16 +19,6 @@ def deepspeed_config(recipe, bf16: bool) -> dict:
         "wall_clock_breakdown": False,
     }
     return merge(cfg, recipe.deepspeed)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float):
-    """Matrices decay; norms, biases and embeddings don't."""
-    decay, keep = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (keep if p.dim() < 2 or "embed" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
 def build_engine(objective: torch.nn.Module, recipe, bf16: bool):

@@ -25,7 +25,7 @@ def _run_recipe(run_dir: Path):
     f = run_dir / "recipe.yaml"
     if not f.is_file():
         raise ConfigError(f"{run_dir} is not a kiln run directory (no recipe.yaml): pass e.g. runs/moe_tiny")
-    return load_recipe(f)
+    return load_recipe(f, saved=True)
 
 
 def place_run(run_dir, ranks: int | None = None, nodes: int = 1, time_limit: float = 60.0,
@@ -42,7 +42,7 @@ def place_run(run_dir, ranks: int | None = None, nodes: int = 1, time_limit: flo
         raise ConfigError("the run has parallel.ep=1: pass --ranks R (the expert-parallel size to place for)")
     path = Path(profile) if profile else latest_profile(run_dir)
     if not path.is_file():
-        raise PlacementError(f"no routing profile at {path}: train with train.profile_every > 0 or run "
+        raise PlacementError(f"no routing profile at {path}: train with parallel.profile_every > 0 or run "
                              f"`kiln profile-routing {run_dir}` first")
     prof = RoutingProfile.load(str(path))
     topo = Topology(ranks=ranks, nodes=nodes)
@@ -102,7 +102,7 @@ def profile_checkpoint(path, batches: int = 16, out: str | None = None):
     from kiln.parallel.expert_state import saved_placement
 
     run_dir, tag_dir = _checkpoint_dir(Path(path))
-    recipe = from_dict(yaml.safe_load((tag_dir / "kiln_recipe.yaml").read_text()))
+    recipe = from_dict(yaml.safe_load((tag_dir / "kiln_recipe.yaml").read_text()), saved=True)
     if recipe.model.mlp != "moe":
         raise ConfigError(f"{tag_dir} is a dense model (model.mlp={recipe.model.mlp}): no routing to profile")
     data = prepare(recipe.data, progress=False)
@@ -141,7 +141,7 @@ def format_place(res, base: dict, out: Path) -> str:
     if gap is not None:
         lines.append(f"  solver: gap {gap:.4f}, {res.solver.get('solve_time_s', 0):.1f}s "
                      f"(limit {res.solver.get('time_limit_s')}s)")
-    lines.append(f"  resume with: --set train.placement={out}")
+    lines.append(f"  resume with: --set parallel.placement={out}")
     return "\n".join(lines)
 
 

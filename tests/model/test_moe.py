@@ -168,7 +168,7 @@ def test_auto_placement_solve_outcome(tmp_path, ranks):
     from kiln.trainer.hooks.moe import _Solve
 
     recipe = Recipe()
-    recipe.train.placement_time_limit = 5.0
+    recipe.parallel.placement_time_limit = 5.0
     run = SimpleNamespace(recipe=recipe, ep=ranks, bf16=False, run_dir=tmp_path)
     solve = _Solve(run, synthetic_profile(L=2, E=4, top_k=1, tokens=100, seed=0), step=6)
     kind, value, started, seconds = solve.outcome(wait=True)

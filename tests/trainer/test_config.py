@@ -84,8 +84,8 @@ def test_impossible_combinations(tmp_path):
     assert "needs model.causal=true" in error_of(tmp_path, "model:\n  causal: false\n")
     assert "train.compile supports dense" in error_of(tmp_path, "train: {compile: true}\nparallel: {sp: 2}\n")
     assert "train.steps must be >= 1" in error_of(tmp_path, "train:\n  steps: 0\n")
-    assert "train.placement_min_balance must lie in [0, 1] (got 1.5)" in error_of(
-        tmp_path, "train:\n  placement_min_balance: 1.5\n")
+    assert "parallel.placement_min_balance must lie in [0, 1] (got 1.5)" in error_of(
+        tmp_path, "parallel:\n  placement_min_balance: 1.5\n")
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -118,8 +118,8 @@ def test_out_of_range_numbers(tmp_path, text, expected):
     ({"data": {"heldout_percent": 100}}, "data.heldout_percent must lie in (0, 100) (got 100.0)"),
     ({"parallel": {"ep": 0}}, "parallel.ep must be >= 1 (got 0)"),
     ({"model": {"moe": {"every_n_layers": 0}}}, "model.moe.every_n_layers must be >= 1 (got 0)"),
-    ({"train": {"placement_time_limit": 0}}, "train.placement_time_limit must be > 0 (got 0.0)"),
-    ({"train": {"profile_every": -1}}, "train.profile_every must be >= 0 (0 = off; got -1)"),
+    ({"parallel": {"placement_time_limit": 0}}, "parallel.placement_time_limit must be > 0 (got 0.0)"),
+    ({"parallel": {"profile_every": -1}}, "parallel.profile_every must be >= 0 (0 = off; got -1)"),
     ({"optim": {"lr": float("nan")}}, "optim.lr must be > 0 (got nan)"),  # NaN fits no bound
 ])
 def test_metadata_ranges_are_enforced_in_every_section(values, expected):
@@ -174,3 +174,18 @@ def test_bad_files(tmp_path):
 def test_readme_reference_is_generated_from_the_schema():
     readme = (ROOT / "README.md").read_text()
     assert reference_markdown() in readme, "README recipe reference drifted: paste `kiln config --reference`"
+
+
+def test_moved_keys_name_their_new_place_and_saved_recipes_upgrade(tmp_path):
+    """Expert placement moved from train: to parallel:. A user's recipe gets one line naming the
+    new key; a recipe kiln saved before the move (run dir, checkpoint) loads as today's."""
+    assert error_of(tmp_path, "train:\n  placement: auto\n") == (
+        "train.placement is now parallel.placement: move it into the parallel: section "
+        "(or --set parallel.placement=...)")
+    assert "train.profile_every is now parallel.profile_every" in error_of(
+        tmp_path, "model: {mlp: moe}\n", ["train.profile_every=4"])
+    old = {"model": {"mlp": "moe"}, "parallel": {"ep": 2},
+           "train": {"nproc": 2, "profile_every": 5, "placement": "auto", "placement_every": 3}}
+    r = from_dict(old, saved=True)
+    assert (r.parallel.profile_every, r.parallel.placement, r.parallel.placement_every) == (5, "auto", 3)
+    assert r.train.nproc == 2 and old["train"]["profile_every"] == 5  # the caller's dict is untouched

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from kiln.trainer.engine import lr_lambda
+from kiln.trainer.optim import lr_lambda
 from tests.trainer.conftest import kiln, losses, metrics
 
 pytestmark = pytest.mark.slow

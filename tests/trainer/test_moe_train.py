@@ -1,7 +1,7 @@
 """MoE end to end through the real CLI on 2 gloo ranks with expert parallelism (EP=2):
 train with routing profiles, `kiln place` the run, resume under the solved placement (the experts
 and their Adam state migrate) and check the loss curve continues exactly as an unmoved run's
-(1e-5 relative); the same for train.placement=auto, which re-solves and migrates mid-run;
+(1e-5 relative); the same for parallel.placement=auto, which re-solves and migrates mid-run;
 `kiln profile-routing` on the checkpoint; user errors give one line and exit 2."""
 import json
 
@@ -13,7 +13,7 @@ from tests.trainer.conftest import kiln, losses, metrics
 pytestmark = pytest.mark.slow
 
 MOE = ["--set", "model.mlp=moe", "--set", "model.moe.num_experts=4", "--set", "model.moe.top_k=2",
-       "--set", "parallel.ep=2", "--set", "train.profile_every=2", "--set", "checkpoint.every=4",
+       "--set", "parallel.ep=2", "--set", "parallel.profile_every=2", "--set", "checkpoint.every=4",
        "--set", "schedule.decay=constant"]  # the LR must not depend on train.steps (4 then 8)
 
 
@@ -51,7 +51,7 @@ def test_train_place_resume_profile(small_recipe, tmp_path):
         (run / "placement.json").write_text(json.dumps(doc))
 
     res = kiln("train", small_recipe, *MOE, *steps, "--set", "train.name=moved",
-               "--set", f"train.placement={run / 'placement.json'}")
+               "--set", f"parallel.placement={run / 'placement.json'}")
     assert "resuming" in res.stdout and "moved" in res.stdout and "experts to the new placement" in res.stdout
     got = losses(run)
     assert sorted(got) == list(range(1, 9))
@@ -61,9 +61,9 @@ def test_train_place_resume_profile(small_recipe, tmp_path):
 
     # auto: re-solve (ILP + stage 3) from the latest profile at step 4 and migrate in place, mid-run
     auto = tmp_path / "runs" / "auto"
-    kiln("train", small_recipe, *MOE, *steps, "--set", "train.name=auto", "--set", "train.placement=auto",
-         "--set", "train.placement_every=4", "--set", "train.placement_time_limit=5",
-         "--set", "train.placement_refine=true", "--set", "train.placement_min_balance=0.9")
+    kiln("train", small_recipe, *MOE, *steps, "--set", "train.name=auto", "--set", "parallel.placement=auto",
+         "--set", "parallel.placement_every=4", "--set", "parallel.placement_time_limit=5",
+         "--set", "parallel.placement_refine=true", "--set", "parallel.placement_min_balance=0.9")
     solved = json.loads((auto / "placement_auto.json").read_text())
     assert solved["strategy"] == "ilp" and solved["solver"]["refine"]
     assert solved["solver"]["stage3"]["traffic_after"] <= solved["solver"]["stage3"]["traffic_before"] + 1e-12
@@ -72,8 +72,8 @@ def test_train_place_resume_profile(small_recipe, tmp_path):
         assert abs(got[step] - value) <= 1e-5 * abs(value), (step, got[step], value)
     # the same with the solve in a background thread: training goes on, the ranks agree on the
     # result at a later log step and migrate there; the function is still unchanged
-    res = kiln("train", small_recipe, *MOE, *steps, "--set", "train.name=async", "--set", "train.placement=auto",
-               "--set", "train.placement_every=2", "--set", "train.placement_async=true",
+    res = kiln("train", small_recipe, *MOE, *steps, "--set", "train.name=async", "--set", "parallel.placement=auto",
+               "--set", "parallel.placement_every=2", "--set", "parallel.placement_async=true",
                "--set", "train.log_every=1")
     applied = [x for x in res.stdout.splitlines() if "auto placement at step" in x]
     assert applied and "from step 2's profile" in applied[0], res.stdout
@@ -94,8 +94,8 @@ def test_user_errors_are_one_line(small_recipe, tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
     res = kiln("place", tmp_path, "--refine", "--min-balance", "1.5", check=False)
     assert res.returncode == 2 and "--min-balance" in res.stderr
-    res = kiln("train", small_recipe, *MOE, "--set", "train.placement=nope.json", check=False)
-    assert res.returncode == 2 and "train.placement" in res.stderr
+    res = kiln("train", small_recipe, *MOE, "--set", "parallel.placement=nope.json", check=False)
+    assert res.returncode == 2 and "parallel.placement" in res.stderr
     res = kiln("train", small_recipe, "--set", "parallel.ep=2", check=False)
     assert res.returncode == 2 and "model.mlp=moe" in res.stderr
     res = kiln("train", small_recipe, *MOE, "--set", "model.moe.num_experts=3",
@@ -108,6 +108,6 @@ def test_user_errors_are_one_line(small_recipe, tmp_path):
 def test_placement_file_must_fit_the_model(small_recipe, tmp_path):
     bad = tmp_path / "placement.json"
     bad.write_text(json.dumps({"format": "kiln-placement-v1", "ranks": 2, "placement": [[0, 1], [1, 0]]}))
-    res = kiln("train", small_recipe, *MOE, "--set", f"train.placement={bad}", check=False)
+    res = kiln("train", small_recipe, *MOE, "--set", f"parallel.placement={bad}", check=False)
     assert res.returncode == 2 and "placement file" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1

@@ -28,7 +28,7 @@ COMMON = ["train.steps=20", "train.log_every=1", "train.eval_every=0", "train.ev
           "train.threads=1", "checkpoint.every=0", "logging.wandb.mode=disabled", "data.max_documents=400"]
 RUNS = {
     "tiny": ("recipes/tiny.yaml", []),
-    "moe_tiny": ("recipes/moe_tiny.yaml", ["train.profile_every=0"]),
+    "moe_tiny": ("recipes/moe_tiny.yaml", ["parallel.profile_every=0"]),
     "long_context": ("recipes/long_context.yaml", ["data.seq_len=4096"]),
     "tiny_decompose": ("recipes/tiny.yaml", ["data.packing=decompose", "data.buckets=[5, 8]",
                                              "data.num_cycles=2", "train.tokens_per_step=4096"]),

@@ -2,14 +2,14 @@
 
 Expert parallelism itself is applied by kiln.parallel.apply.parallelize, under the placement
 `start_placement` picks; `MoEHook.create` returns None for dense models.
-Placement (`train.placement`):
+Placement (`parallel.placement`):
   * contiguous / PATH (placement.json): applied on start; on resume the checkpoint is restored
     under the placement it was saved with and the experts then migrate to the requested one;
   * auto: start contiguous (or keep the saved placement on resume) and every
-    `train.placement_every` steps re-solve MoETuner's ILP (plus kiln's stage 3 with
-    `train.placement_refine`) from the latest routing profile and migrate the experts (weights
+    `parallel.placement_every` steps re-solve MoETuner's ILP (plus kiln's stage 3 with
+    `parallel.placement_refine`) from the latest routing profile and migrate the experts (weights
     and optimizer state) in place.
-Profiles: every `train.profile_every` steps the routing counts since the last profile are saved
+Profiles: every `parallel.profile_every` steps the routing counts since the last profile are saved
 under <run>/profiles/ (and logged to W&B as heatmaps).
 """
 import time
@@ -35,7 +35,7 @@ def cost_model(model_cfg, bf16: bool) -> CostModel:
 
 
 def requested_placement(spec: str, layers: int, experts: int, ranks: int):
-    """The placement `train.placement` asks for: an [L, E] array, or None for auto."""
+    """The placement `parallel.placement` asks for: an [L, E] array, or None for auto."""
     if spec == "auto":
         return None
     if spec == "contiguous":
@@ -45,14 +45,14 @@ def requested_placement(spec: str, layers: int, experts: int, ranks: int):
 
 def start_placement(recipe, model_cfg, run_dir, resume: bool):
     """The placement expert parallelism starts from: the resumed checkpoint's, else the one
-    train.placement asks for (contiguous for auto); None without expert parallelism."""
+    parallel.placement asks for (contiguous for auto); None without expert parallelism."""
     ep = recipe.parallel.ep
     saved = resume_placement(run_dir, ep) if resume else None  # refuses another parallel.ep's checkpoint
     if ep == 1:
         return None
     if saved is not None:
         return saved
-    return requested_placement(recipe.train.placement, model_cfg.moe_layers, model_cfg.moe.num_experts, ep)
+    return requested_placement(recipe.parallel.placement, model_cfg.moe_layers, model_cfg.moe.num_experts, ep)
 
 
 class MoEHook(Hook):
@@ -68,7 +68,7 @@ class MoEHook(Hook):
         self.last_profile = None
         self.want = None
         if self.ep > 1:
-            self.want = requested_placement(self.recipe.train.placement, self.layers, self.experts, self.ep)
+            self.want = requested_placement(self.recipe.parallel.placement, self.layers, self.experts, self.ep)
         self.solve = None  # an auto re-solve in flight: a _Solve on rank 0, True elsewhere
         self.routed_under = None  # the placement this log window's tokens were routed under, if it changed
         self.edp_group = stage.run.mesh.edp_group
@@ -93,7 +93,7 @@ class MoEHook(Hook):
     def after_resume(self, stage, step: int) -> None:
         """Migrate from the checkpoint's placement to the requested one (no-op if equal or auto)."""
         if self.ep > 1 and self.want is not None and not np.array_equal(self.want, self.placement):
-            self._migrate(self.want, stage.engine, "train.placement")
+            self._migrate(self.want, stage.engine, "parallel.placement")
 
     def eval_begin(self, stage) -> None:
         self.profiler.active = False  # profiles and routing metrics describe training batches
@@ -113,8 +113,8 @@ class MoEHook(Hook):
     def step_end(self, stage, step: int, seconds: float) -> None:
         """Save a routing profile / re-solve the placement when their intervals come up."""
         engine, monitor = stage.engine, stage.run.monitor
-        t = self.recipe.train
-        if t.profile_every and step % t.profile_every == 0:
+        t, p = self.recipe.train, self.recipe.parallel
+        if p.profile_every and step % p.profile_every == 0:
             prof = self.profiler.snapshot("profile")
             if prof is not None:
                 self.last_profile = prof
@@ -126,15 +126,15 @@ class MoEHook(Hook):
                             monitor.wandb.log(wandb_heatmaps(prof), step=step)
                         except Exception as e:  # a logging problem must not stop training
                             print(f"kiln: W&B routing heatmaps not logged ({type(e).__name__}: {e})")
-        if self.ep == 1 or t.placement != "auto":
+        if self.ep == 1 or p.placement != "auto":
             return
         if self.solve is not None and step % t.log_every == 0:   # a background solve: done yet?
             self._collect(engine, step, wait=False)
-        if self.solve is None and step % t.placement_every == 0:
+        if self.solve is None and step % p.placement_every == 0:
             prof = self.last_profile or self.profiler.snapshot("profile", reset=False)
             if prof is not None:
                 self.solve = _Solve(self, prof, step) if dist.get_rank() == 0 else True
-                if not t.placement_async:
+                if not p.placement_async:
                     self._collect(engine, step, wait=True)
 
     def _collect(self, engine, step: int, wait: bool) -> None:
@@ -193,12 +193,12 @@ class MoEHook(Hook):
 
 class _Solve:
     """Rank 0's auto re-solve (the ILP, time-limited; stage 3 if asked) in a thread: HiGHS releases
-    the GIL, so with train.placement_async the training loop goes on meanwhile."""
+    the GIL, so with parallel.placement_async the training loop goes on meanwhile."""
 
     def __init__(self, run: MoEHook, prof, step: int):
         import threading
 
-        t = run.recipe.train
+        t = run.recipe.parallel
         self.step, self.t0, self.result = step, time.perf_counter(), None
         args = (prof, "ilp", Topology(ranks=run.ep), cost_model(run.recipe.model, run.bf16))
         kw = dict(time_limit=t.placement_time_limit, refine=t.placement_refine,

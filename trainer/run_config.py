@@ -1,43 +1,5 @@
-"""The trainer's own recipe sections: objective, optim, schedule, train, checkpoint, logging.
-
-Plain ranges are field metadata (min/gt/max/lt, "zero" = what 0 means) that trainer/config.py
-enforces before validate(); validate() keeps the checks that span fields.
-"""
+"""The run's own recipe sections: `train:`, `checkpoint:` and `logging:`."""
 from dataclasses import dataclass, field
-
-
-@dataclass
-class ObjectiveConfig:
-    """What the loss is."""
-
-    name: str = field(default="clm", metadata={
-        "help": "training objective: clm = next-token prediction", "choices": ["clm"]})
-    z_loss: float = field(default=0.0, metadata={
-        "help": "coefficient of the output z-loss (lse^2), 0 = off", "min": 0})
-
-
-@dataclass
-class OptimConfig:
-    """AdamW and gradient clipping."""
-
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate", "gt": 0})
-    min_lr_ratio: float = field(default=0.1, metadata={
-        "help": "final lr as a fraction of the peak", "min": 0, "max": 1})
-    weight_decay: float = field(default=0.1, metadata={
-        "help": "decoupled weight decay (not on norms, biases or embeddings)", "min": 0})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1", "min": 0, "lt": 1})
-    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2", "min": 0, "lt": 1})
-    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon", "gt": 0})
-    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm, 0 = off", "min": 0})
-
-
-@dataclass
-class ScheduleConfig:
-    """Learning-rate schedule over train.steps."""
-
-    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps", "min": 0})
-    decay: str = field(default="cosine", metadata={
-        "help": "shape after warmup", "choices": ["cosine", "linear", "constant"]})
 
 
 @dataclass
@@ -72,30 +34,6 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={
         "help": "torch.compile each transformer block (fuses norm/RoPE/SwiGLU elementwise work; "
                 "the first steps compile); dense models without sequence parallelism"})
-    placement: str = field(default="contiguous", metadata={
-        "help": "MoE expert placement: contiguous, auto (re-solve every placement_every steps) or a "
-                "placement.json path (kiln place)"})
-    placement_every: int = field(default=0, metadata={
-        "help": "with placement=auto: re-solve the ILP and migrate experts every this many steps", "min": 0})
-    placement_time_limit: float = field(default=10.0, metadata={
-        "help": "seconds the ILP may take for placement=auto", "gt": 0})
-    placement_refine: bool = field(default=False, metadata={
-        "help": "with placement=auto: add kiln's stage 3 (cut cross-rank traffic under the balance floor)"})
-    placement_async: bool = field(default=False, metadata={
-        "help": "with placement=auto: rank 0 solves in a background thread while training goes on; "
-                "the experts migrate at the first log_every step after it finishes"})
-    placement_min_balance: float = field(default=0.95, metadata={
-        "help": "with placement_refine: each layer keeps balancedness >= min(this, its ILP value)",
-        "min": 0, "max": 1})
-    profile_every: int = field(default=0, metadata={
-        "help": "save a routing profile (counts since the last one) every this many steps, 0 = off",
-        "min": 0, "zero": "0 = off"})
-
-    def validate(self):
-        """Checks across fields; each field's own range is in its metadata."""
-        if self.placement == "auto" and self.placement_every < 1:
-            raise ValueError("train.placement=auto needs train.placement_every >= 1 (steps between re-solves)")
-
 
 @dataclass
 class CheckpointConfig:

@@ -1,0 +1,50 @@
+"""The optimizer's recipe sections (`optim:`, `schedule:`), the LR schedule and AdamW's parameter groups."""
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and gradient clipping."""
+
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate", "gt": 0})
+    min_lr_ratio: float = field(default=0.1, metadata={
+        "help": "final lr as a fraction of the peak", "min": 0, "max": 1})
+    weight_decay: float = field(default=0.1, metadata={
+        "help": "decoupled weight decay (not on norms, biases or embeddings)", "min": 0})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1", "min": 0, "lt": 1})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2", "min": 0, "lt": 1})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon", "gt": 0})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm, 0 = off", "min": 0})
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule over train.steps."""
+
+    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps", "min": 0})
+    decay: str = field(default="cosine", metadata={
+        "help": "shape after warmup", "choices": ["cosine", "linear", "constant"]})
+
+
+def lr_lambda(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
+    """LR multiplier at `step` (0-based): linear warmup, then cosine/linear decay to min_ratio."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant" or total <= warmup:
+        return 1.0
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1 - t
+    return min_ratio + (1 - min_ratio) * shape
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """Matrices decay; norms, biases and embeddings don't."""
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (keep if p.dim() < 2 or "embed" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
