@@ -35,7 +35,7 @@ from kiln.data.decompose_loader import build_decompose_loader
 from kiln.data.decompose import Decomposed, bucket_dir
 from kiln.data.indexed import read_documents
 from kiln.data.loader import ChunkLoader
-from kiln.trainer.engine import lr_lambda
+from kiln.trainer.optim import lr_lambda
 from kiln.model import ModelConfig, Transformer, attention_flops, matmul_params
 from kiln.trainer.objectives import CausalLM
 
