@@ -157,31 +157,6 @@ def test_transformer_places_moe_blocks_and_objective_adds_aux_only_in_training()
     torch.testing.assert_close(obj(ids, ids), ce, **TOL)
 
 
-@pytest.mark.parametrize("ranks", [2, 8])
-def test_auto_placement_solve_outcome(tmp_path, ranks):
-    """The auto re-solve as rank 0 runs it (in a thread): a placement and placement_auto.json, or,
-    for a request the ILP refuses (8 ranks, 4 experts), an error outcome that keeps training."""
-    from types import SimpleNamespace
-
-    from kiln.parallel.placement import check_placement, synthetic_profile
-    from kiln.trainer.config import Recipe
-    from kiln.trainer.hooks.moe import _Solve
-
-    recipe = Recipe()
-    recipe.parallel.placement_time_limit = 5.0
-    run = SimpleNamespace(recipe=recipe, ep=ranks, bf16=False, run_dir=tmp_path)
-    solve = _Solve(run, synthetic_profile(L=2, E=4, top_k=1, tokens=100, seed=0), step=6)
-    kind, value, started, seconds = solve.outcome(wait=True)
-    assert started == 6 and seconds >= 0
-    if ranks == 2:
-        assert kind == "ok"
-        check_placement(value, 2, 4, 2)
-        assert (tmp_path / "placement_auto.json").is_file()
-    else:
-        assert kind == "error" and "PlacementError" in value and "at most 4 ranks" in value
-        assert not (tmp_path / "placement_auto.json").exists()
-
-
 def test_deferred_build_matches_full_build_expert_by_expert():
     """A model built with expert_device="meta" holds no routed-expert memory, leaves torch's generator
     where a full build does, has the same dense weights, and expert_init(e) gives the full rows."""
