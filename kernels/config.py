@@ -1,4 +1,4 @@
-"""The recipe's `kernels:` section."""
+"""The recipe's `kernels:` section (plain ranges are field metadata, enforced by the recipe loader)."""
 from dataclasses import dataclass, field
 
 
@@ -12,8 +12,5 @@ class KernelsConfig:
         "choices": ["auto", "triton", "torch"]})
     ce_chunk_tokens: int = field(default=0, metadata={
         "help": "tokens per chunk in the fused linear + cross-entropy (never the full logits); "
-                "0 = auto: 2048 on GPU, on CPU at most 16 MiB of fp32 logits per chunk"})
-
-    def validate(self):
-        if self.ce_chunk_tokens < 0:
-            raise ValueError(f"kernels.ce_chunk_tokens must be >= 0 (0 = auto; got {self.ce_chunk_tokens})")
+                "0 = auto: 2048 on GPU, on CPU at most 16 MiB of fp32 logits per chunk",
+        "min": 0, "zero": "0 = auto"})
