@@ -90,35 +90,6 @@ def init_distributed(device, timeout_s: float = 600.0) -> None:
                 print(line, flush=True)
 
 
-_CLAIMS = []  # open lock files: a lock lasts as long as this process (the OS drops it on any exit)
-
-
-def claim_run_dir(run_dir: Path) -> None:
-    """Refuse a second `kiln train` on the same run directory while one is running (two would
-    interleave metrics and overwrite each other's checkpoints). The lock file sits beside the
-    run dir, so that --no-resume can move the old run aside under the lock."""
-    import fcntl
-
-    from kiln.trainer.config import ConfigError
-
-    run_dir = Path(run_dir)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir.parent / f".{run_dir.name}.lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise ConfigError(f"{run_dir} is in use by another kiln train ({holder}): wait for it to "
-                          "finish or stop it, or set another train.name") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    f.flush()
-    _CLAIMS.append(f)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
