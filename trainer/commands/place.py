@@ -6,7 +6,7 @@ def add_parser(sub) -> None:
     """Declare `kiln place`'s arguments: the solver's world, budget and strategy."""
     p = sub.add_parser("place", help="solve MoE expert placement (MoETuner ILP) from a run's routing profile",
                        description="Solve MoETuner's ILP on RUN_DIR's latest routing profile and write "
-                                   "RUN_DIR/placement.json (apply it with --set train.placement=PATH).")
+                                   "RUN_DIR/placement.json (apply it with --set parallel.placement=PATH).")
     p.add_argument("run_dir", help="e.g. runs/moe_tiny")
     p.add_argument("--ranks", type=int, help="expert-parallel ranks (default: the run's parallel.ep)")
     p.add_argument("--nodes", type=int, default=1, help="nodes the ranks span (default 1)")

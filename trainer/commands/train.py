@@ -27,10 +27,10 @@ def run(args) -> int:
     if args.nproc is not None:
         recipe.train.nproc = args.nproc
         recipe = from_dict(to_dict(recipe))  # re-check combinations with the new rank count
-    if _placement(recipe) not in ("contiguous", "auto"):  # a placement.json: check it fits
+    if recipe.parallel.placement not in ("contiguous", "auto"):  # a placement.json: check it fits
         from kiln.parallel.placement.io import PlacementResult
 
-        PlacementResult.from_json(_placement(recipe), recipe.model.moe_layers,
+        PlacementResult.from_json(recipe.parallel.placement, recipe.model.moe_layers,
                                   recipe.model.moe.num_experts, recipe.parallel.ep)
     run_dir = Path(recipe.train.run_root) / recipe.train.name
     writable_dir(recipe.train.run_root, "train.run_root")
@@ -57,12 +57,6 @@ def run(args) -> int:
         kept = f"the newest checkpoint, {tag}, is kept" if tag else "no checkpoint was saved yet"
         print(f"kiln: interrupted; {kept}: run the same command to resume", file=sys.stderr)
     return rc
-
-
-def _placement(recipe) -> str:
-    """The recipe's expert placement ("contiguous", "auto" or a placement.json path), read in this
-    one place so that moving the knob is a one-line change."""
-    return recipe.train.placement
 
 
 def _train_in_world(recipe, run_dir: Path) -> int:
