@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import yaml
 
-from kiln.parallel.expert import contiguous_placement, moe_blocks
+from kiln.parallel.expert import contiguous_placement
 from kiln.parallel.placement import place
 from kiln.parallel.placement.io import PlacementError, RoutingProfile
 from kiln.parallel.placement.metrics import Topology, evaluate
@@ -66,34 +66,6 @@ def _checkpoint_dir(path: Path) -> tuple[Path, Path]:
     return path, ckpt_root(path) / tag
 
 
-def load_unsharded(tag_dir: Path, recipe, vocab: int):
-    """The model of a checkpoint on one CPU process, whatever its ZeRO stage and placement."""
-    from kiln.parallel.expert_state import expert_files, read_full_experts
-    from kiln.trainer.stage import resolve_model
-    from kiln.model import Transformer
-
-    model = Transformer(resolve_model(recipe, vocab))
-    if recipe.parallel.zero_stage == 3:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    else:
-        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    state = {k.removeprefix("model."): v for k, v in state.items() if "expert_bank." not in k}
-    result = model.load_state_dict(state, strict=False)
-    missing = set(result.missing_keys)
-    if expert_files(tag_dir):
-        full = read_full_experts(tag_dir)
-        with torch.no_grad():
-            for l, block in enumerate(moe_blocks(model)):
-                for name in ("w1", "w3", "w2"):
-                    getattr(block.experts, name).copy_(full[name][l])
-        missing = {k for k in missing if ".mlp.experts." not in k}
-    if missing or result.unexpected_keys:
-        raise ConfigError(f"checkpoint {tag_dir} does not match its recipe's model (missing "
-                          f"{sorted(missing)[:3]}, unexpected {result.unexpected_keys[:3]})")
-    return model.eval()
-
-
 def profile_checkpoint(path, batches: int = 16, out: str | None = None):
     """Route `batches` held-out batches through a checkpoint's model; save and return the profile.
     Returns (RoutingProfile, saved path, quality dict under the run's placement or per expert)."""
@@ -106,7 +78,10 @@ def profile_checkpoint(path, batches: int = 16, out: str | None = None):
     if recipe.model.mlp != "moe":
         raise ConfigError(f"{tag_dir} is a dense model (model.mlp={recipe.model.mlp}): no routing to profile")
     data = prepare(recipe.data, progress=False)
-    model = load_unsharded(tag_dir, recipe, data.vocab_size)
+    from kiln.trainer.stage import resolve_model
+    from kiln.trainer.weights import load_unsharded
+
+    model = load_unsharded(tag_dir, resolve_model(recipe, data.vocab_size), recipe.parallel.zero_stage)
     profiler = RoutingProfiler(model)
     t = recipe.train
     loader = ChunkLoader(data.valid_prefix, recipe.data.seq_len, t.micro_batch, 0, 1, t.seed)

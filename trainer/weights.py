@@ -1,0 +1,50 @@
+"""A kiln checkpoint's model weights as one unsharded fp32 state dict, whatever wrote it.
+
+* ZeRO 1-3 without expert parallelism: DeepSpeed's own consolidation of the fp32 master weights
+  (`get_fp32_state_dict_from_zero_checkpoint`), never the module file, which a bf16 run saves in
+  bf16 and ZeRO-3 saves partitioned;
+* ZeRO 0, and expert-parallel runs (DeepSpeed's MoE param groups; its module file holds rank 0's
+  bank rows only): the module file for the dense weights, and every expert from kiln's expert
+  files by (layer, expert), the fp32 master rows (kiln.parallel.expert_state).
+Names are kiln.model.Transformer's (`layers.<i>...`), so growth operators and tools can use them.
+"""
+from pathlib import Path
+
+import torch
+
+from kiln.model import Transformer
+from kiln.model.transformer import mlp_kind
+from kiln.trainer.config import ConfigError
+
+
+def checkpoint_state(tag_dir: Path, model_cfg, zero_stage: int) -> dict:
+    """The fp32 state dict of the checkpoint `tag_dir` for a model of `model_cfg` (see module doc)."""
+    from kiln.parallel.expert_state import expert_files, read_full_experts
+
+    tag_dir = Path(tag_dir)
+    sharded_experts = bool(expert_files(tag_dir))
+    if zero_stage >= 1 and not sharded_experts:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:
+        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    state = {k.removeprefix("model."): v.float() for k, v in state.items()
+             if "expert_bank." not in k and "deepspeed_moe_marker" not in k}
+    if sharded_experts:
+        full = read_full_experts(tag_dir)
+        moe_layers = [i for i in range(model_cfg.n_layers) if mlp_kind(model_cfg, i) == "moe"]
+        for l, i in enumerate(moe_layers):
+            for w in ("w1", "w3", "w2"):
+                state[f"layers.{i}.mlp.experts.{w}"] = full[w][l].float()
+    return state
+
+
+def load_unsharded(tag_dir: Path, model_cfg, zero_stage: int):
+    """The model of a checkpoint on one CPU process, whatever its ZeRO stage and placement."""
+    model = Transformer(model_cfg)
+    result = model.load_state_dict(checkpoint_state(tag_dir, model_cfg, zero_stage), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(f"checkpoint {tag_dir} does not match its recipe's model (missing "
+                          f"{sorted(result.missing_keys)[:3]}, unexpected {result.unexpected_keys[:3]})")
+    return model.eval()
