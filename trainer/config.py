@@ -94,6 +94,15 @@ def _coerce(value, tp, where: str):
     return value
 
 
+def _alias(meta, value):
+    """The value a field's "aliases" metadata maps `value` to (e.g. YAML true -> "on"), else `value`;
+    an alias matches only a value of its own type, so 1 is not taken for true."""
+    for alias, canonical in meta.get("aliases", {}).items():
+        if type(alias) is type(value) and alias == value:
+            return canonical
+    return value
+
+
 def _build(cls, values: dict, where: str):
     """Instantiate dataclass `cls` from a plain dict, checking keys, types, choices and ranges."""
     hints = typing.get_type_hints(cls)
@@ -103,7 +112,7 @@ def _build(cls, values: dict, where: str):
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
             raise ConfigError(f"unknown key '{path}'{did_you_mean(str(key), fields)}")
-        value = _coerce(value, hints[key], path)
+        value = _coerce(_alias(fields[key].metadata, value), hints[key], path)
         choices = fields[key].metadata.get("choices")
         if choices is not None and value not in choices:
             raise ConfigError(f"{path} must be one of {choices}, got {value!r}"
@@ -165,9 +174,13 @@ def _check_combination(r: Recipe) -> None:
         if r.data.seq_len % (2 * r.parallel.sp):
             raise ConfigError(f"data.seq_len ({r.data.seq_len}) must be divisible by 2 * parallel.sp "
                               f"= {2 * r.parallel.sp} for the zigzag layout")
-    if r.train.compile and (r.parallel.sp > 1 or r.model.mlp != "swiglu" or r.data.packing != "concat"):
-        raise ConfigError("train.compile supports dense models (model.mlp=swiglu) with concat packing "
-                          "and parallel.sp=1 for now: set train.compile=false")
+    if r.train.compile == "on":
+        from kiln.trainer.compile_policy import inapplicable  # one list of reasons for on and auto
+
+        why = inapplicable(r)
+        if why:
+            raise ConfigError(f"train.compile=on does not apply to {why} yet (it supports dense models "
+                              "with concat packing and parallel.sp=1): set train.compile=auto or off")
     if r.parallel.ep > 1:
         if r.model.mlp != "moe":
             raise ConfigError(f"parallel.ep={r.parallel.ep} shards MoE experts: set model.mlp=moe "

@@ -31,9 +31,12 @@ class TrainConfig:
     dist_timeout_s: float = field(default=600.0, metadata={
         "help": "seconds a collective may wait for the other ranks before the run fails (rank 0 "
                 "preparing data before the first step is not bounded by it)", "gt": 0})
-    compile: bool = field(default=False, metadata={
+    compile: str = field(default="auto", metadata={
         "help": "torch.compile each transformer block (fuses norm/RoPE/SwiGLU elementwise work; "
-                "the first steps compile); dense models without sequence parallelism"})
+                "the first step compiles); dense models without sequence parallelism. auto = when "
+                "the steps ahead win the compile time back, by measured step times "
+                "(kiln.trainer.compile_policy); true/false = on/off",
+        "choices": ["auto", "on", "off"], "aliases": {True: "on", False: "off"}})
 
 @dataclass
 class CheckpointConfig:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from kiln.model import Transformer
 from kiln.parallel.apply import parallelize
-from kiln.trainer import checkpoint
+from kiln.trainer import checkpoint, compile_policy
 from kiln.trainer.batches import held_out_batches, ring_for, train_batches
 from kiln.trainer.config import check_vocab, to_dict
 from kiln.trainer.engine import build_engine, grad_norm
@@ -64,7 +64,8 @@ class Stage:
         self.held_out = held_out_batches(recipe, run.data, mesh)
         self.layout = parallelize(self.model, mesh, recipe.parallel, ring_for=ring_for(recipe),
                                   placement=start_placement(recipe, self.model_cfg, run.run_dir, run.resume))
-        if recipe.train.compile:
+        self.compiled = compile_policy.choose(self)  # train.compile: on, off, or auto's measured decision
+        if self.compiled:
             self.model.compile_blocks()
         if self.batches.global_token_mean:
             loss_group = dist.group.WORLD

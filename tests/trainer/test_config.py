@@ -69,6 +69,21 @@ def test_wrong_type(tmp_path):
     assert "must be int, got bool" in error_of(tmp_path, "train:\n  steps: true\n")
 
 
+@pytest.mark.parametrize("value,expected", [("auto", "auto"), ("on", "on"), ("off", "off"), ("true", "on"),
+                                            ("false", "off"), ("yes", "on")])
+def test_compile_takes_auto_on_off_and_the_yaml_booleans(tmp_path, value, expected):
+    assert Recipe().train.compile == "auto"
+    assert load_recipe(write(tmp_path, "train: {}\n"), [f"train.compile={value}"]).train.compile == expected
+    assert load_recipe(write(tmp_path, f"train: {{compile: {value}}}\n")).train.compile == expected
+
+
+def test_compile_refuses_other_values(tmp_path):
+    assert error_of(tmp_path, "train: {compile: 1}\n") == "train.compile must be str, got int 1"
+    assert "train.compile must be one of ['auto', 'on', 'off'], got 'fast'" in error_of(tmp_path, "train: {compile: fast}\n")
+    # auto falls back to eager where compile does not apply (compile_policy says so at start)
+    assert load_recipe(write(tmp_path, "train: {compile: auto}\nparallel: {sp: 2}\n")).train.compile == "auto"
+
+
 def test_bad_choice(tmp_path):
     msg = error_of(tmp_path, "parallel:\n  sp_impl: tokenrng\n")
     assert "parallel.sp_impl must be one of ['tokenring', 'ring']" in msg and "did you mean 'tokenring'" in msg
@@ -82,7 +97,10 @@ def test_impossible_combinations(tmp_path):
     assert "data.seq_len (250) must be divisible by 2 * parallel.sp = 4" in msg
     assert "multiple of parallel.sp" in error_of(tmp_path, "parallel:\n  sp: 2\ntrain:\n  nproc: 3\n")
     assert "needs model.causal=true" in error_of(tmp_path, "model:\n  causal: false\n")
-    assert "train.compile supports dense" in error_of(tmp_path, "train: {compile: true}\nparallel: {sp: 2}\n")
+    assert error_of(tmp_path, "train: {compile: true}\nparallel: {sp: 2}\n") == (
+        "train.compile=on does not apply to sequence parallelism yet (it supports dense models with "
+        "concat packing and parallel.sp=1): set train.compile=auto or off")
+    assert "does not apply to MoE" in error_of(tmp_path, "train: {compile: on}\nmodel: {mlp: moe}\n")
     assert "train.steps must be >= 1" in error_of(tmp_path, "train:\n  steps: 0\n")
     assert "parallel.placement_min_balance must lie in [0, 1] (got 1.5)" in error_of(
         tmp_path, "parallel:\n  placement_min_balance: 1.5\n")
@@ -150,7 +168,7 @@ def _leaf_metadata(cls, prefix=""):
 
 def test_range_metadata_uses_only_supported_keys():
     """A typo such as "mni" would silently disable a check: every metadata key must be known."""
-    known = {"help", "choices", "zero"} | set(RANGE_KEYS)
+    known = {"help", "choices", "zero", "aliases"} | set(RANGE_KEYS)
     ranged = 0
     for key, meta in _leaf_metadata(Recipe):
         assert set(meta) <= known, f"{key}: unsupported metadata {sorted(set(meta) - known)}"

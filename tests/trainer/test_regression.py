@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 FIXTURE = Path(__file__).parent / "fixtures" / "losses.json"
 COMMON = ["train.steps=20", "train.log_every=1", "train.eval_every=0", "train.eval_batches=2",
-          "train.threads=1", "checkpoint.every=0", "logging.wandb.mode=disabled", "data.max_documents=400"]
+          "train.threads=1", "checkpoint.every=0", "logging.wandb.mode=disabled", "data.max_documents=400",
+          "train.compile=off"]
 RUNS = {
     "tiny": ("recipes/tiny.yaml", []),
     "moe_tiny": ("recipes/moe_tiny.yaml", ["parallel.profile_every=0"]),

@@ -101,9 +101,10 @@ class Hooks:
 
 def stage_hooks(stage) -> Hooks:
     """The hooks of `stage`: every factory of HOOKS whose feature the stage uses."""
+    from kiln.trainer.hooks.compile import CompileTimesHook
     from kiln.trainer.hooks.decompose import DecomposeHook
     from kiln.trainer.hooks.moe import MoEHook
     from kiln.trainer.hooks.sequence import SequenceHook
 
-    factories = (SequenceHook.create, MoEHook.create, DecomposeHook.create)
+    factories = (SequenceHook.create, MoEHook.create, DecomposeHook.create, CompileTimesHook.create)
     return Hooks(h for h in (make(stage) for make in factories) if h is not None)
