@@ -45,6 +45,6 @@ def plan(target_params: float, target_tokens: float) -> Plan:
         warnings.append(f"the formula was fitted on targets of {lo / 1e9:.2g}B-{hi / 1e9:.0f}B parameters; "
                         f"{target_params / 1e9:.3g}B is outside, so d is an extrapolation")
     if d >= target_tokens:
-        warnings.append(f"d = {d:.3g} tokens is not below the budget D = {target_tokens:.3g}: growing never "
-                        "happens; choose the growth point yourself (growth.at_tokens)")
+        warnings.append(f"d = {d:.3g} tokens is not below the budget D = {target_tokens:.3g}: the small model "
+                        "would never grow")
     return Plan(target_params, target_tokens, d, warnings)

@@ -36,6 +36,19 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * matmul_params(cfg) + attention_flops(cfg, seq_len)
 
 
+def param_count(cfg: ModelConfig) -> int:
+    """Parameters of a model of `cfg` without building it (count_params of the built model)."""
+    from kiln.model.transformer import mlp_kind
+
+    d, h = cfg.dim, cfg.hidden_dim
+    attn = d * (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * d
+    width = cfg.moe.expert_ffn_dim or h
+    mlp = {"swiglu": 3 * d * h,
+           "moe": cfg.moe.num_experts * (d + 3 * d * width) + 3 * d * width * cfg.moe.shared_experts}
+    layers = sum(2 * d + attn + mlp[mlp_kind(cfg, i)] for i in range(cfg.n_layers))
+    return cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2) + layers + d
+
+
 def count_params(model: nn.Module) -> int:
     """Trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

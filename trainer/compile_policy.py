@@ -159,7 +159,7 @@ def steps_left(stage) -> int:
     """Steps this stage will train in this process: from its checkpoint's step if it resumes one,
     else from its first step (a stage after another starts where that one ended)."""
     index, step = stage.run.resume_point()
-    return stage.end - (step if index == stage.index else getattr(stage, "start", 0))
+    return stage.end - (step if index == stage.index else stage.start)
 
 
 def estimate(stage) -> Estimate:

@@ -202,6 +202,10 @@ def _check_combination(r: Recipe) -> None:
     if r.objective.name == "clm" and not r.model.causal:
         raise ConfigError("objective.name=clm needs model.causal=true (an encoder would see the "
                           "tokens it predicts)")
+    if r.growth.op != "none":  # the small stage must be a valid recipe, growing inside the run
+        from kiln.trainer.stages import stage_specs
+
+        stage_specs(r, r.train.nproc)
     from kiln.trainer.batches import check_recipe  # data.packing=decompose, variable batches
 
     try:
@@ -259,24 +263,26 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-# Keys that moved to another section: (old section, key) -> new section.
-MOVED = {("train", key): "parallel" for key in (
+# Keys that moved or were renamed: (old section, old key) -> (new section, new key).
+MOVED = {("train", key): ("parallel", key) for key in (
     "placement", "placement_every", "placement_time_limit", "placement_refine", "placement_async",
     "placement_min_balance", "profile_every")}
+MOVED[("growth", "method")] = ("growth", "op")
 
 
 def upgrade_moved(values: dict, saved: bool) -> dict:
     """Recipes written by kiln before a key moved (run dirs, checkpoints) are read as today's;
     a user's recipe gets one line naming the key's new place."""
-    for (old, key), new in MOVED.items():
+    for (old, key), (new, new_key) in MOVED.items():
         section = values.get(old)
         if not isinstance(section, dict) or key not in section:
             continue
         if not saved:
-            raise ConfigError(f"{old}.{key} is now {new}.{key}: move it into the {new}: section "
-                              f"(or --set {new}.{key}=...)")
-        values = merge(values, {old: {}, new: {key: section[key]}})
+            where = f"move it into the {new}: section" if new != old else "rename it"
+            raise ConfigError(f"{old}.{key} is now {new}.{new_key}: {where} (or --set {new}.{new_key}=...)")
+        values = merge(values, {old: {}})
         values[old] = {k: v for k, v in section.items() if k != key}
+        values = merge(values, {new: {new_key: section[key]}})
     return values
 
 

@@ -21,8 +21,10 @@ def deepspeed_config(recipe, bf16: bool) -> dict:
     return merge(cfg, recipe.deepspeed)
 
 
-def build_engine(objective: torch.nn.Module, recipe, bf16: bool):
-    """Wrap the objective module, AdamW and the schedule in a DeepSpeed engine."""
+def build_engine(objective: torch.nn.Module, recipe, bf16: bool, steps: int | None = None,
+                 warmup: int | None = None):
+    """Wrap the objective module, AdamW and the schedule in a DeepSpeed engine. The schedule spans
+    `steps` with `warmup` (default train.steps and schedule.warmup_steps; a stage has its own)."""
     o = recipe.optim
     groups = param_groups(objective, o.weight_decay)
     if recipe.parallel.ep > 1:  # expert params in their own groups: DeepSpeed reduces them per expert group
@@ -33,8 +35,10 @@ def build_engine(objective: torch.nn.Module, recipe, bf16: bool):
     # (torch has it for CPU and CUDA); the update is the same AdamW arithmetic
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
     s = recipe.schedule
+    steps = recipe.train.steps if steps is None else steps
+    warmup = s.warmup_steps if warmup is None else warmup
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: lr_lambda(step, s.warmup_steps, recipe.train.steps, s.decay, o.min_lr_ratio))
+        opt, lambda step: lr_lambda(step, warmup, steps, s.decay, o.min_lr_ratio, s.decay_fraction))
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(recipe, bf16))
     if recipe.parallel.zero_stage == 0 and torch.distributed.get_world_size() == 1:

@@ -38,8 +38,10 @@ def train_stage(stage, batches, hooks, start: int, end: int) -> None:
             window.micro_step(loss, t1 - t0, t2 - t1, time.perf_counter() - t2, t.grad_accum,
                               stage.objective.last_metrics)
         done = step + 1
+        flops = batches.tokens_per_step * stage.objective.flops_per_token(batches.row_len(step))
         stage.progress.step, stage.progress.tokens = done, stage.progress.tokens + batches.tokens_per_step
-        window.step_done(batches.tokens_per_step, stage.objective.flops_per_token(batches.row_len(step)))
+        stage.progress.flops += flops
+        window.step_done(batches.tokens_per_step, flops)
         hooks.step_end(stage, done, time.perf_counter() - t_step)
         if logs:
             eta = (time.perf_counter() - clock[0]) / (done - clock[1]) * (t.steps - done)
@@ -66,10 +68,10 @@ class Window:
         for k, v in metrics.items():
             self.objective[k] = self.objective.get(k, 0.0) + float(v) / grad_accum
 
-    def step_done(self, tokens: int, flops_per_token: float) -> None:
+    def step_done(self, tokens: int, flops: float) -> None:
         self.steps += 1
         self.tokens += tokens
-        self.flops += tokens * flops_per_token
+        self.flops += flops
 
 
 def mean_across_ranks(value: float, device) -> float:
@@ -91,6 +93,7 @@ def log_train(stage, hooks, w: Window, eta: float) -> None:
     lr = engine.get_lr()[0]
     total = max(w.data + w.fwd_bwd + w.optim, 1e-9)
     rec = {"step": stage.progress.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": stage.progress.tokens,
+           "flops": stage.progress.flops,
            "tokens_per_s": tok_s, "mfu": w.flops / w.tokens * tok_s / run.peak_flops, "mem_gb": memory_gb(run.device),
            "time/step_s": elapsed / n, "time/data_s": w.data / n,
            "time/fwd_bwd_s": w.fwd_bwd / n, "time/optim_s": w.optim / n}

@@ -26,15 +26,25 @@ class ScheduleConfig:
 
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps", "min": 0})
     decay: str = field(default="cosine", metadata={
-        "help": "shape after warmup", "choices": ["cosine", "linear", "constant"]})
+        "help": "shape after warmup: cosine, linear or constant over the rest; wsd = warmup-stable-decay "
+                "(constant, then a linear decay over the last decay_fraction of the steps after warmup)",
+        "choices": ["cosine", "linear", "constant", "wsd"]})
+    decay_fraction: float = field(default=0.2, metadata={
+        "help": "decay=wsd: the share of the post-warmup steps spent decaying", "min": 0, "max": 1})
 
 
-def lr_lambda(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
-    """LR multiplier at `step` (0-based): linear warmup, then cosine/linear decay to min_ratio."""
+def lr_lambda(step: int, warmup: int, total: int, decay: str, min_ratio: float,
+              decay_fraction: float = 0.2) -> float:
+    """LR multiplier at `step` (0-based): linear warmup, then cosine/linear decay to min_ratio
+    (wsd: constant, then linear over the last decay_fraction of the post-warmup steps)."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     if decay == "constant" or total <= warmup:
         return 1.0
+    if decay == "wsd":
+        span = max(1, round(decay_fraction * (total - warmup)))
+        t = min(1.0, max(0.0, (step - (total - span)) / span)) if decay_fraction else 0.0
+        return min_ratio + (1 - min_ratio) * (1 - t)
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     shape = 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1 - t
     return min_ratio + (1 - min_ratio) * shape

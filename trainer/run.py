@@ -1,7 +1,9 @@
 """A training run in one rank: the process-long `Run`, the stages it trains, and `train()`.
 
     Run.start  device, torch.distributed, process groups, threads, kernels, prepared data
-      for each stage (today one per recipe; growth adds more):
+      for each stage (trainer/stages.py: one, or with growth the small and the grown model;
+      stages the newest checkpoint is past are skipped, and a stage after the small one
+      starts from its grown weights, trainer/growth.py):
         Stage.build    model -> parallelize -> objective -> engine -> hooks
         Stage.resume   the newest checkpoint, if any: the step to start from
         train_stage    the loop (kiln.trainer.loop)
@@ -27,6 +29,7 @@ from kiln.trainer.launch import init_distributed, pick_device
 from kiln.trainer.loop import train_stage
 from kiln.trainer.monitor import Monitor, peak_flops
 from kiln.trainer.stage import Stage
+from kiln.trainer.stages import stage_specs
 
 
 @dataclasses.dataclass
@@ -63,10 +66,6 @@ class Run:
     def rank0(self) -> bool:
         return dist.get_rank() == 0
 
-    def stages(self) -> list[Stage]:
-        """The stages this recipe trains, in order (one model, train.steps steps, for now)."""
-        return [Stage(self, self.recipe)]
-
     def resume_point(self) -> tuple[int, int]:
         """(stage, step) of the newest checkpoint; (0, 0) on a fresh start."""
         state = checkpoint.saved_state(self.run_dir) if self.resume else None
@@ -85,7 +84,9 @@ class Run:
         if self.rank0:
             print(f"kiln: {count_params(stage.model) / 1e6:.2f}M params, {dist.get_world_size()} ranks "
                   f"({self.device.type}, {'bf16' if self.bf16 else 'fp32'}, ZeRO {self.recipe.parallel.zero_stage}), "
-                  f"{stage.batches.tokens_per_step:,} tokens/step, steps {start}->{stage.end}", flush=True)
+                  f"{stage.batches.tokens_per_step:,} tokens/step, steps {start}->{stage.end}"
+                  + (f" (stage {stage.index + 1} of 2: {'small' if stage.index == 0 else 'grown'} model)"
+                     if self.recipe.growth.op != "none" else ""), flush=True)
 
     def close(self) -> None:
         if self.monitor is not None:
@@ -96,11 +97,19 @@ class Run:
 def train(recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> None:
     """Train `recipe` in this process as one rank of the already-launched world."""
     run = Run.start(recipe, run_dir, data_dir, resume)
-    first, _ = run.resume_point()
-    for stage in run.stages()[first:]:  # stages before the checkpoint's are done
-        stage.build()
+    specs = stage_specs(recipe, run.mesh.world)
+    run.open_monitor(run.resume_point()[1])
+    for spec in specs:
+        index, step = run.resume_point()  # the newest checkpoint, written by an earlier stage too
+        if index > spec.index or (index == spec.index and step >= spec.end and spec is not specs[-1]):
+            continue  # this stage is done
+        from kiln.trainer.growth import grow_stage, grown_checkpoint
+
+        grown = grown_checkpoint(run)  # `kiln grow` wrote the newest checkpoint
+        if grown is None and spec.index > 0 and index == spec.index - 1:  # the small stage ended: grow it
+            grown = grow_stage(run, specs[spec.index - 1], spec)
+        stage = Stage(run, spec).build(grown)
         start = stage.resume()
-        run.open_monitor(start)
         run.announce(stage, start)
         train_stage(stage, stage.batches, stage.hooks, start, stage.end)
         stage.teardown()

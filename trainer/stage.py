@@ -38,32 +38,42 @@ class Progress:
     step: int = 0
     tokens: int = 0
 
+    flops: float = 0.0  # model FLOPs trained, all ranks (MFU's count)
+
     def state_dict(self) -> dict:
-        return {"stage": self.stage, "step": self.step, "tokens": self.tokens}
+        return {"stage": self.stage, "step": self.step, "tokens": self.tokens, "flops": self.flops}
 
     def load_state_dict(self, state: dict) -> None:
         self.stage, self.step, self.tokens = (int(state.get(k, 0)) for k in ("stage", "step", "tokens"))
+        self.flops = float(state.get("flops", 0.0))
 
 
 class Stage:
     """One model of a run and everything built around it (see the module docstring)."""
 
-    def __init__(self, run, recipe, index: int = 0, end: int | None = None):
-        self.run, self.recipe, self.index = run, recipe, index
-        self.end = recipe.train.steps if end is None else end
-        self.progress = Progress(stage=index)
+    def __init__(self, run, spec):
+        self.run, self.spec, self.recipe, self.index = run, spec, spec.recipe, spec.index
+        self.start, self.end = spec.start, spec.end
+        self.progress = Progress(stage=spec.index)
+        self.grown = None  # growth.Growth: this stage starts from the previous stage's grown weights
 
-    def build(self) -> "Stage":
+    def build(self, grown=None) -> "Stage":
+        """Build everything; `grown` (trainer.growth.Growth) gives the initial weights and placement."""
         run, recipe = self.run, self.recipe
         mesh = run.mesh
+        self.grown = grown
         self.model_cfg = resolve_model(recipe, run.data.vocab_size)
         torch.manual_seed(recipe.train.seed)
-        # with expert parallelism each rank builds only the experts it keeps
-        self.model = Transformer(self.model_cfg, expert_device="meta" if mesh.ep > 1 else None)
+        # with expert parallelism each rank builds only the experts it keeps (unless it is grown)
+        experts_on_meta = recipe.parallel.ep > 1 and grown is None
+        self.model = Transformer(self.model_cfg, expert_device="meta" if experts_on_meta else None)
+        if grown is not None:
+            self.model.load_state_dict(grown.state)
         self.batches = train_batches(recipe, run.data, mesh)
         self.held_out = held_out_batches(recipe, run.data, mesh)
-        self.layout = parallelize(self.model, mesh, recipe.parallel, ring_for=ring_for(recipe),
-                                  placement=start_placement(recipe, self.model_cfg, run.run_dir, run.resume))
+        placement = grown.placement if grown is not None else \
+            start_placement(recipe, self.model_cfg, run.run_dir, run.resume)
+        self.layout = parallelize(self.model, mesh, recipe.parallel, ring_for=ring_for(recipe), placement=placement)
         self.compiled = compile_policy.choose(self)  # train.compile: on, off, or auto's measured decision
         if self.compiled:
             self.model.compile_blocks()
@@ -74,8 +84,9 @@ class Stage:
         self.objective = build_objective(recipe.objective.name, self.model, recipe.objective,
                                          loss_group=loss_group, seed=recipe.train.seed,
                                          rank=mesh.rank).to(run.device)
-        self.engine = build_engine(self.objective, recipe, run.bf16)
-        self.recipe_dict = to_dict(recipe)
+        first = grown.progress.get("step", self.start) if grown is not None else self.start
+        self.engine = build_engine(self.objective, recipe, run.bf16, steps=self.end - first, warmup=self.spec.warmup)
+        self.recipe_dict = to_dict(run.recipe)  # a checkpoint names the run's recipe, whatever the stage
         self.hooks = stage_hooks(self)
         self.hooks.build(self)
         return self
@@ -85,8 +96,11 @@ class Stage:
         return {"progress": self.progress, **self.hooks.parts()}
 
     def resume(self) -> int:
-        """Restore the newest checkpoint, if any and if the run resumes; the first step to train."""
-        if self.run.resume:
+        """Restore the newest checkpoint (if any and the run resumes) or, for a grown stage, carry
+        the previous stage's progress over; the first step to train."""
+        if self.grown is not None:
+            self.progress.load_state_dict({**self.grown.progress, "stage": self.index})
+        elif self.run.resume:
             checkpoint.load(self.engine, self.run.run_dir, self.parts())
         self.hooks.after_resume(self, self.progress.step)
         return self.progress.step

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kiln.model import ModelConfig, Transformer, flops_per_token, matmul_params
+from kiln.model import ModelConfig, MoEConfig, Transformer, flops_per_token, matmul_params
 from kiln.trainer.objectives import CausalLM
 
 
@@ -108,3 +108,13 @@ def test_flops_formula_matches_counted_training_flops(tie):
         loss = m.logits(m(x)).logsumexp(-1).sum()
         loss.backward()
     assert counter.get_total_flops() == flops_per_token(cfg, s) * b * s
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=True), dict(n_kv_heads=1, ffn_dim=48),
+                                dict(mlp="moe", moe=MoEConfig(num_experts=4, shared_experts=1, every_n_layers=2,
+                                                              expert_ffn_dim=24))])
+def test_param_count_equals_the_built_models(kw):
+    from kiln.model import count_params, param_count
+
+    cfg = ModelConfig(vocab_size=96, dim=32, n_layers=3, n_heads=4, **kw)
+    assert param_count(cfg) == count_params(Transformer(cfg))

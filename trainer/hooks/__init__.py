@@ -103,8 +103,10 @@ def stage_hooks(stage) -> Hooks:
     """The hooks of `stage`: every factory of HOOKS whose feature the stage uses."""
     from kiln.trainer.hooks.compile import CompileTimesHook
     from kiln.trainer.hooks.decompose import DecomposeHook
+    from kiln.trainer.hooks.growth import GrowthHook
     from kiln.trainer.hooks.moe import MoEHook
     from kiln.trainer.hooks.sequence import SequenceHook
 
-    factories = (SequenceHook.create, MoEHook.create, DecomposeHook.create, CompileTimesHook.create)
+    factories = (SequenceHook.create, MoEHook.create, DecomposeHook.create, CompileTimesHook.create,
+                 GrowthHook.create)
     return Hooks(h for h in (make(stage) for make in factories) if h is not None)
