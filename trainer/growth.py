@@ -92,3 +92,13 @@ def write_grown_checkpoint(out_dir, recipe_dict: dict, state: dict, progress: di
     tmp.write_text(tag)
     os.replace(tmp, latest)  # written last: the tag is complete
     return tag_dir
+
+
+def start_weights(run, specs, spec) -> Growth | None:
+    """What stage `spec` starts from besides its own checkpoint: a `kiln grow` checkpoint, or the
+    grown weights of the previous stage when the newest checkpoint is that stage's end (None: the
+    stage builds fresh or resumes its own checkpoint)."""
+    grown = grown_checkpoint(run)
+    if grown is None and spec.index > 0 and run.resume_point()[0] == spec.index - 1:
+        grown = grow_stage(run, specs[spec.index - 1], spec)
+    return grown

@@ -25,6 +25,7 @@ from kiln.model import count_params
 from kiln.parallel.mesh import Mesh, build_mesh
 from kiln.trainer import checkpoint
 from kiln.trainer.config import to_dict
+from kiln.trainer.growth import start_weights
 from kiln.trainer.launch import init_distributed, pick_device
 from kiln.trainer.loop import train_stage
 from kiln.trainer.monitor import Monitor, peak_flops
@@ -103,12 +104,7 @@ def train(recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> None:
         index, step = run.resume_point()  # the newest checkpoint, written by an earlier stage too
         if index > spec.index or (index == spec.index and step >= spec.end and spec is not specs[-1]):
             continue  # this stage is done
-        from kiln.trainer.growth import grow_stage, grown_checkpoint
-
-        grown = grown_checkpoint(run)  # `kiln grow` wrote the newest checkpoint
-        if grown is None and spec.index > 0 and index == spec.index - 1:  # the small stage ended: grow it
-            grown = grow_stage(run, specs[spec.index - 1], spec)
-        stage = Stage(run, spec).build(grown)
+        stage = Stage(run, spec).build(start_weights(run, specs, spec))
         start = stage.resume()
         run.announce(stage, start)
         train_stage(stage, stage.batches, stage.hooks, start, stage.end)
