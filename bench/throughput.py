@@ -5,8 +5,15 @@ on CPU. kiln runs its real step: the objective module inside a DeepSpeed engine 
 Prints tokens/s, MFU against a measured GEMM peak, and the ratios. Goals: kiln/eager >= 1.0,
 kiln/HF >= 1.2. Needs `pip install transformers` for the HF column (skipped with a note if absent).
 
+Then what `train.compile: auto` (kiln.trainer.compile_policy) picks for a 150- and a 2,000-step run
+of this shape, from this run's own step times and compile time (the compiled loop's first step
+over its median step), and kiln's and HF's tokens/s over the whole run with the compile
+amortised: tokens / (steps x s/step + compile s, if compiled). Goal: kiln / HF >= 1.3 at 2,000
+steps. The compile is timed on a cold inductor cache (a fresh TORCHINDUCTOR_CACHE_DIR), as a
+run's first compile on a machine is; --warm-cache uses the usual cache instead.
+
     python bench/throughput.py [--steps 12] [--dim 256] [--layers 4] [--seq 256] [--batch 8]
-                               [--vocab 4096] [--malloc-tuned]
+                               [--vocab 4096] [--malloc-tuned] [--warm-cache]
 
 --malloc-tuned reruns the script with glibc told to keep its memory (no fresh mmap per big block,
 no trimming): the loops that allocate big short-lived buffers every step (HF's and eager's full
@@ -17,6 +24,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -80,12 +88,16 @@ class EagerLlama(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
 
 
-def time_interleaved(step_fns: dict, batches, warmup=3) -> dict:
+def time_interleaved(step_fns: dict, batches, warmup=3, first=None) -> dict:
     """Seconds per step of each loop, median over steps; the loops take turns step by step so
-    that a change in machine load hits all of them alike."""
-    for x, y in batches[:warmup]:
-        for fn in step_fns.values():
+    that a change in machine load hits all of them alike. `first` (a dict) gets each loop's first
+    step, which for a compiled loop includes the compile."""
+    for i, (x, y) in enumerate(batches[:warmup]):
+        for name, fn in step_fns.items():
+            t = time.perf_counter()
             fn(x, y)
+            if i == 0 and first is not None:
+                first[name] = time.perf_counter() - t
     times = {name: [] for name in step_fns}
     for x, y in batches[warmup:]:
         for name, fn in step_fns.items():
@@ -175,10 +187,15 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--malloc-tuned", action="store_true",
                     help="rerun with glibc keeping its memory (MALLOC_* variables) for every loop")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="time the compile with inductor's usual cache (default: a fresh, cold one)")
     args = ap.parse_args()
     if args.malloc_tuned and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         env = dict(os.environ, **MALLOC_TUNED)
         os.execve(sys.executable, [sys.executable, *sys.argv], env)  # glibc reads them at start
+    if not args.warm_cache:  # inductor reads it when it compiles, so setting it here is in time
+        cold = tempfile.TemporaryDirectory(prefix="kiln-bench-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold.name
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from kiln.model import ModelConfig, flops_per_token
     from kiln.trainer.monitor import measure_cpu_peak
@@ -197,8 +214,8 @@ def main():
     loops = {"eager PyTorch": plain_step(eager, opt), "HF LlamaForCausalLM": run_hf(cfg, batches, 1e-3),
              "kiln (DeepSpeed engine)": run_kiln(cfg, batches, 1e-3),
              "kiln, train.compile=true": run_kiln(cfg, batches, 1e-3, compile_blocks=True)}
-    results = dict.fromkeys(loops)
-    results.update(time_interleaved({k: v for k, v in loops.items() if v is not None}, batches))
+    results, first = dict.fromkeys(loops), {}
+    results.update(time_interleaved({k: v for k, v in loops.items() if v is not None}, batches, first=first))
 
     alloc = "tuned (MALLOC_*)" if "MALLOC_MMAP_THRESHOLD_" in os.environ else "glibc default"
     print(f"model dim={args.dim} layers={args.layers} heads={args.heads}/{args.kv_heads} "
@@ -217,6 +234,29 @@ def main():
     if results["HF LlamaForCausalLM"]:
         print(f"kiln / HF tokens/s:    {results['HF LlamaForCausalLM'] / k:.2f}x (goal >= 1.2)")
         print(f"kiln compiled / HF:    {results['HF LlamaForCausalLM'] / kc:.2f}x (goal >= 1.2)")
+    compile_s = max(0.0, first["kiln, train.compile=true"] - kc)  # the hook's rule (kiln.trainer.hooks.compile)
+    report_auto(tokens, k, kc, compile_s, results["HF LlamaForCausalLM"], "warm" if args.warm_cache else "cold")
+
+
+def report_auto(tokens: int, eager_s: float, compiled_s: float, compile_s: float, hf_s, cache: str) -> None:
+    """What train.compile=auto picks for runs of 150 and 2,000 steps of this shape, and tokens/s
+    over each whole run with the compile amortised."""
+    from kiln.trainer.compile_policy import decide
+
+    print(f"train.compile=auto from this run's times: eager {eager_s:.3f} s/step, compiled {compiled_s:.3f} "
+          f"s/step, compile {compile_s:.1f} s ({cache} inductor cache)")
+    print(f"{'steps':>6}  {'auto picks':<11}{'kiln eager':>11}{'kiln compiled':>14}{'kiln auto':>11}"
+          f"{'HF':>9}{'auto / HF':>11}   tokens/s over the run")
+    for steps in (150, 2000):
+        on, why = decide(steps, eager_s, eager_s - compiled_s, compile_s)
+        eager_tps = tokens / eager_s
+        compiled_tps = tokens * steps / (steps * compiled_s + compile_s)
+        auto_tps = compiled_tps if on else eager_tps
+        hf = f"{tokens / hf_s:>9,.0f}{auto_tps * hf_s / tokens:>10.2f}x" if hf_s else f"{'-':>9}{'-':>11}"
+        print(f"{steps:>6,}  {'compile' if on else 'eager':<11}{eager_tps:>11,.0f}{compiled_tps:>14,.0f}"
+              f"{auto_tps:>11,.0f}{hf}   ({why})")
+        if steps == 2000 and hf_s:
+            print(f"kiln auto / HF at 2,000 steps, compile amortised: {auto_tps * hf_s / tokens:.2f}x (goal >= 1.3)")
 
 
 if __name__ == "__main__":
