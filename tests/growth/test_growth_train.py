@@ -134,3 +134,19 @@ def test_kiln_grow_writes_a_run_that_kiln_train_continues_as_the_large_model(sma
     assert "kiln: checkpoint" in res.stdout
     again = kiln("grow", tmp_path / "runs" / "s", "--out", out, check=False)  # never overwrites a run
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+@pytest.mark.parametrize("extra", [
+    ["model.mlp=moe", "model.moe.num_experts=4", "parallel.ep=2", "parallel.zero_stage=1"],
+    ["data.packing=decompose", "data.buckets=[5, 7]", "data.num_cycles=2", "train.tokens_per_step=512"],
+    ["parallel.sp=2"],
+], ids=["moe-ep2-zero1", "decompose", "tokenring-sp2"])
+def test_growth_beside_experts_decomposition_and_tokenring(small_recipe, tmp_path, extra):
+    sets = [*GROW, "--set", "train.steps=6", "--set", "checkpoint.every=0", "--set", "train.name=m"]
+    kiln("train", small_recipe, *sets, *[a for s in extra for a in ("--set", s)])
+    recs = metrics(tmp_path / "runs" / "m")
+    train = [r for r in recs if "loss" in r]
+    assert [r["growth/stage"] for r in train] == [0] * 3 + [1] * 3
+    assert any(r.get("growth/event") == "grow:stack" for r in recs)
+    assert all(r["loss"] == r["loss"] and r["loss"] < 7 for r in train)  # finite, near ln(512) or below
+    assert abs(train[3]["loss"] - train[2]["loss"]) < 0.3  # the grown model starts near the small one
