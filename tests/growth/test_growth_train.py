@@ -17,7 +17,7 @@ GROW = ["--set", "model.n_layers=4", "--set", "growth.op=stack", "--set", "growt
 T = 2 * 4 * 64  # ranks x micro_batch x seq_len
 
 
-def test_grow_then_continue_and_resume_anywhere_around_the_transition(small_recipe, tmp_path):
+def test_grow_then_continue_and_resume_around_the_transition(small_recipe, tmp_path):
     res = kiln("train", small_recipe, *GROW, "--set", "train.name=g")
     assert "growth (stack) at step 4" in res.stdout and "stage 2 of 2" in res.stdout
     run = tmp_path / "runs" / "g"
@@ -34,9 +34,10 @@ def test_grow_then_continue_and_resume_anywhere_around_the_transition(small_reci
     assert event["growth/params_large"] > event["growth/params_small"]
     ref = losses(run)
     assert abs(ref[5] - ref[4]) < 0.2  # the grown model starts where the small one was
-    # stop after each checkpoint in turn (mid small stage, right after growing, mid large stage)
+    # stop right after growing, and mid large stage (a stop mid small stage is the plain resume
+    # tests/trainer/test_train.py covers)
     ckpts = run / "checkpoints"
-    for keep in ("step_00000003", "step_00000004", "step_00000006"):
+    for keep in ("step_00000004", "step_00000006"):
         for d in ckpts.glob("step_*"):
             if d.name > keep:
                 shutil.rmtree(d)
