@@ -7,7 +7,7 @@ RECIPE ?= recipes/tiny.yaml
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
 
-.PHONY: train test bench venv clean
+.PHONY: train test bench venv clean slurm-up slurm-down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# A throw-away Slurm cluster on this machine (slurmctld + slurmd, auth/none, state in
+# /tmp/kiln-slurm; installs slurm-wlm with apt when missing). tests/slurm starts its own through the
+# same script, so `make test` needs neither target.
+slurm-up:
+	slurm/local_cluster.sh up
+
+slurm-down:
+	slurm/local_cluster.sh down
 
 clean:
 	rm -rf $(VENV) runs .kiln-cache

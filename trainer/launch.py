@@ -1,7 +1,8 @@
 """Starting ranks: local processes through torch's elastic launcher, or joining a launched world.
 
 A world is "already launched" when torchrun / the DeepSpeed launcher set RANK and WORLD_SIZE,
-or when srun started the tasks (SLURM_PROCID inside a job step); then this process is one rank.
+or when srun started the tasks (SLURM_PROCID inside a job step, kiln.slurm.env); then this
+process is one rank.
 """
 import os
 import re
@@ -11,29 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-def adopt_slurm_env(env=os.environ) -> bool:
-    """Translate srun's task variables into torch.distributed's; True if running under srun."""
-    if "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env or int(env.get("SLURM_NTASKS", 1)) < 2:
-        return False
-    env.setdefault("RANK", env["SLURM_PROCID"])
-    env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
-    env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-    env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
-    env.setdefault("MASTER_ADDR", _first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_NODELIST", ""))))
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-    return True
-
-
-def _first_host(nodelist: str) -> str:
-    """First hostname of a Slurm nodelist ("n[01-04],m1" -> "n01")."""
-    if not nodelist:
-        return "127.0.0.1"
-    head = nodelist.split(",")[0]
-    if "[" in head:
-        base, rng = head.split("[", 1)
-        return base + rng.rstrip("]").split(",")[0].split("-")[0]
-    return head
+from kiln.slurm.env import adopt_slurm_env  # srun's variables -> torch.distributed's (slurm/env.py)
 
 
 def in_launched_world() -> bool:

@@ -18,8 +18,9 @@ def due(every: int, done: int, end: int) -> bool:
     return bool(every and done % every == 0) or done == end
 
 
-def train_stage(stage, batches, hooks, start: int, end: int) -> None:
-    """Train `stage` from step `start` to `end` on `batches` (a kiln.data.batches.BatchSource)."""
+def train_stage(stage, batches, hooks, start: int, end: int) -> bool:
+    """Train `stage` from step `start` to `end` on `batches` (a kiln.data.batches.BatchSource);
+    False if a hook stopped it early (after a checkpoint at that step)."""
     t, engine = stage.recipe.train, stage.engine
     window, clock = Window(), (time.perf_counter(), start)
     for step in range(start, end):
@@ -51,6 +52,11 @@ def train_stage(stage, batches, hooks, start: int, end: int) -> None:
             evaluate(stage, hooks, done)
         if due(stage.recipe.checkpoint.every, done, end):
             stage.save(done)
+        if done < end and hooks.should_stop(stage, done):  # a hook asks to end here (a signal)
+            if not due(stage.recipe.checkpoint.every, done, end):
+                stage.save(done)
+            return False
+    return True
 
 
 class Window:

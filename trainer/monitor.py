@@ -114,7 +114,8 @@ def _start_wandb(run_dir: Path, recipe, recipe_dict: dict):
     if mode == "online" and not os.environ.get("WANDB_API_KEY"):
         print("kiln: logging.wandb.mode=online but WANDB_API_KEY is not set; logging offline instead")
         mode = "offline"
-    return wandb.init(project=w.project, entity=w.entity or None, name=recipe.train.name, id=run_id,
+    return wandb.init(project=w.project, entity=w.entity or None, group=w.group or None,
+                      name=recipe.train.name, id=run_id,
                       resume="allow", mode=mode, dir=str(run_dir), config=recipe_dict,
                       settings=wandb.Settings(silent=True, console="off"))
 

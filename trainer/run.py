@@ -95,11 +95,13 @@ class Run:
         dist.barrier()
 
 
-def train(recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> None:
-    """Train `recipe` in this process as one rank of the already-launched world."""
+def train(recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> bool:
+    """Train `recipe` in this process as one rank of the already-launched world; False when a
+    hook stopped the run early (a signal: kiln.trainer.hooks.stop), after a checkpoint."""
     run = Run.start(recipe, run_dir, data_dir, resume)
     specs = stage_specs(recipe, run.mesh.world)
     run.open_monitor(run.resume_point()[1])
+    finished = True
     for spec in specs:
         index, step = run.resume_point()  # the newest checkpoint, written by an earlier stage too
         if index > spec.index or (index == spec.index and step >= spec.end and spec is not specs[-1]):
@@ -107,6 +109,9 @@ def train(recipe, run_dir: Path, data_dir: Path, resume: bool = True) -> None:
         stage = Stage(run, spec).build(start_weights(run, specs, spec))
         start = stage.resume()
         run.announce(stage, start)
-        train_stage(stage, stage.batches, stage.hooks, start, stage.end)
+        finished = train_stage(stage, stage.batches, stage.hooks, start, stage.end)
         stage.teardown()
+        if not finished:
+            break
     run.close()
+    return finished

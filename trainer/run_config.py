@@ -58,6 +58,7 @@ class WandbConfig:
         "choices": ["offline", "online", "disabled"]})
     project: str = field(default="kiln", metadata={"help": "W&B project"})
     entity: str = field(default="", metadata={"help": "W&B entity (empty = default)"})
+    group: str = field(default="", metadata={"help": "W&B group (kiln submit --sweep sets the sweep's name)"})
 
 
 @dataclass

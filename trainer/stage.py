@@ -6,6 +6,7 @@ stages one after another (growth ends one model and continues with a larger one)
 """
 import dataclasses
 import gc
+import time
 
 import torch
 import torch.distributed as dist
@@ -107,8 +108,9 @@ class Stage:
 
     def save(self, step: int) -> None:
         """Checkpoint after `step` (collective)."""
-        c = self.recipe.checkpoint
+        c, t0 = self.recipe.checkpoint, time.perf_counter()
         path = checkpoint.save(self.engine, self.run.run_dir, step, self.parts(), self.recipe_dict, c.keep)
+        self.last_save_s = time.perf_counter() - t0  # sizes Slurm's signal lead (hooks/stop.py)
         if dist.get_rank() == 0:
             print(f"kiln: checkpoint {path}", flush=True)
 

@@ -1,23 +1,12 @@
-"""Joining a world another launcher started: torchrun directly, and srun's variables."""
+"""Joining a world another launcher started: torchrun directly (srun's variables: tests/slurm)."""
 import subprocess
 import sys
 import time
 
 import pytest
 
-from kiln.trainer.launch import _first_host, _Relay, adopt_slurm_env
+from kiln.trainer.launch import _Relay
 from tests.trainer.conftest import ROOT, losses
-
-
-def test_slurm_task_variables_become_torch_distributed_ones():
-    env = {"SLURM_PROCID": "3", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-           "SLURM_NTASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}
-    assert adopt_slurm_env(env)
-    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("3", "8", "1", "4")
-    assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == "24242"
-    assert not adopt_slurm_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"})
-    assert not adopt_slurm_env({"SLURM_JOB_ID": "1"})  # inside sbatch but not in an srun step
-    assert _first_host("a1,b[2-3]") == "a1" and _first_host("") == "127.0.0.1"
 
 
 @pytest.mark.slow

@@ -63,9 +63,11 @@ def _train_in_world(recipe, run_dir: Path) -> int:
     """Under torchrun/srun: rank 0 prepares the data, then every rank trains."""
     import torch.distributed as dist
 
+    from kiln.trainer import slurm_job
     from kiln.trainer.launch import init_distributed, pick_device
     from kiln.trainer.run import train
 
+    slurm_job.join(recipe)  # in a `kiln submit` job: stop signals, rendezvous preflight
     init_distributed(pick_device(recipe), recipe.train.dist_timeout_s)
     # The other ranks wait for rank 0's data on the rendezvous store, not in a collective: a big
     # corpus takes longer to prepare than any collective timeout should be.
@@ -84,7 +86,8 @@ def _train_in_world(recipe, run_dir: Path) -> int:
         data_dir = store.get(key).decode()
         if not data_dir:
             return 2  # rank 0 printed why
-    train(recipe, run_dir, Path(data_dir))
-    if dist.get_rank() == 0:
+    finished = train(recipe, run_dir, Path(data_dir))
+    slurm_job.after_train(run_dir, finished, dist.get_rank())
+    if finished and dist.get_rank() == 0:
         print_where(run_dir, recipe)
     return 0

@@ -10,6 +10,7 @@ hook implements the ones it needs (the base class makes every event a no-op):
 | `step_end(stage, step, seconds)` | optimizer step `step` (counted from 1) is done | yes |
 | `eval_begin(stage)` / `eval_end(stage)` | around a held-out evaluation | yes |
 | `metrics(stage, steps) -> dict` | a log step: fields added to the train record (window of `steps`) | yes |
+| `should_stop(stage, step) -> bool` | after step `step`'s log, eval and checkpoint: True ends the stage there (the loop saves a checkpoint first); only StopHook (signals) | yes |
 | `console(record) -> str` | a log step: text appended to the console line (rank 0) | no |
 | `parts() -> dict` | checkpoint parts the hook owns: its `state_dict()` / files (kiln.trainer.checkpoint) | no |
 
@@ -39,6 +40,9 @@ class Hook:
 
     def metrics(self, stage, steps: int) -> dict:
         return {}
+
+    def should_stop(self, stage, step: int) -> bool:
+        return False
 
     def console(self, record: dict) -> str:
         return ""
@@ -89,6 +93,10 @@ class Hooks:
             out.update(h.metrics(stage, steps))
         return out
 
+    def should_stop(self, stage, step: int) -> bool:
+        # every hook is asked (each may be collective): no short-circuit
+        return any([h.should_stop(stage, step) for h in self.hooks])
+
     def console(self, record: dict) -> str:
         return "".join(h.console(record) for h in self.hooks)
 
@@ -106,7 +114,8 @@ def stage_hooks(stage) -> Hooks:
     from kiln.trainer.hooks.growth import GrowthHook
     from kiln.trainer.hooks.moe import MoEHook
     from kiln.trainer.hooks.sequence import SequenceHook
+    from kiln.trainer.hooks.stop import StopHook
 
     factories = (SequenceHook.create, MoEHook.create, DecomposeHook.create, CompileTimesHook.create,
-                 GrowthHook.create)
+                 GrowthHook.create, StopHook.create)
     return Hooks(h for h in (make(stage) for make in factories) if h is not None)
