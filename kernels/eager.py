@@ -25,7 +25,9 @@ Tried and dropped: RoPE as two full-width multiplies against [cos, cos] / [-sin,
 alone (2.5 -> 1.8 ms) but slower inside the step (+15 ms); F.rms_norm (no faster than the
 reference here).
 """
+import functools
 import itertools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +48,38 @@ def attention_eager(q, k, v, *, causal: bool, scale: float | None = None, doc_id
     return _sdpa(q, k, v, causal, scale, doc_ids)
 
 
+def _missing(feature: str, fallback: str) -> None:
+    """Say once, in one line, that this torch lacks a feature and what runs instead."""
+    if feature not in _SAID:
+        _SAID.add(feature)
+        print(f"kiln: torch {torch.__version__} has no {feature}; {fallback}", file=sys.stderr, flush=True)
+
+
+_SAID: set = set()
+
+
+@functools.cache
+def sdpa_takes_gqa() -> bool:
+    """Whether this torch's SDPA has `enable_gqa` (torch >= 2.5)."""
+    try:
+        t = torch.zeros(1, 2, 1, 8)
+        F.scaled_dot_product_attention(t, t[:, :1], t[:, :1], enable_gqa=True)
+        return True
+    except TypeError:
+        return False
+
+
+def grouped_mm_fn():
+    """torch's grouped GEMM: F.grouped_mm (public since torch 2.10), torch._grouped_mm before, else None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
 def _sdpa(q, k, v, causal, scale, doc_ids):
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.shape[2] != k.shape[2]
+    if gqa and not sdpa_takes_gqa():
+        _missing("SDPA enable_gqa", "K/V heads are copied to every query head (attention_ref)")
+        return attention_ref(q, k, v, causal=causal, scale=scale, doc_ids=doc_ids)
     if doc_ids is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=gqa)
     else:
@@ -124,6 +155,12 @@ def _grouped_mm_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     fp32 or bf16 on CPU, bf16 on CUDA sm80+."""
     if x.dtype != w.dtype or x.shape[0] == 0:
         return False
+    if not hasattr(F, "grouped_mm"):  # torch < 2.10: torch._grouped_mm ran on sm90 only, no CPU kernel in 2.8
+        if x.device.type == "cuda" and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16 \
+                and torch.cuda.get_device_capability(x.device)[0] == 9:
+            return not (x.shape[1] * x.element_size() % 16 or w.shape[1] * x.element_size() % 16)
+        _missing("F.grouped_mm", "MoE experts run one GEMM per expert")
+        return False
     if any(n * x.element_size() % 16 for n in (x.shape[1], w.shape[1])):
         return False
     if x.data_ptr() % 16 or w.data_ptr() % 16:
@@ -162,7 +199,7 @@ def _grouped_mm(x, wg, sizes: list, align: int):
             torch.repeat_interleave(starts - first, counts, output_size=x.shape[0])
         x = x.new_zeros(sum(padded), x.shape[1]).index_copy(0, rows, x)
     offs = torch.tensor(list(itertools.accumulate(padded)), dtype=torch.int32, device=x.device)
-    y = F.grouped_mm(x.contiguous(), wg.transpose(-2, -1), offs=offs)
+    y = grouped_mm_fn()(x.contiguous(), wg.transpose(-2, -1), offs=offs)
     if y.requires_grad:
         # grouped_mm's backward rejects an expanded gradient (e.g. from a sum): hand it a dense one
         y.register_hook(lambda g: g.contiguous())
