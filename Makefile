@@ -7,7 +7,7 @@ RECIPE ?= recipes/tiny.yaml
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
 
-.PHONY: train test bench venv clean slurm-up slurm-down
+.PHONY: train test bench venv clean wheelhouse gpu-check slurm-up slurm-down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,15 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	for b in $(filter-out bench/gpu_check.py,$(wildcard bench/*.py)); do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# The GPU check's packages for the GPU image (CPython 3.12, no registry there): docs/gpu.md
+wheelhouse: $(STAMP)
+	$(BIN)/python bench/gpu/wheelhouse.py --out wheelhouse
+
+# On the GPU machine: python3 bench/gpu_check.py (docs/gpu.md); here GPU_CHECK_ARGS=--dry-run runs it on CPU
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 # A throw-away Slurm cluster on this machine (slurmctld + slurmd, auth/none, state in
 # /tmp/kiln-slurm; installs slurm-wlm with apt when missing). tests/slurm starts its own through the

@@ -145,8 +145,9 @@ def run_kiln(cfg, batches, lr, compile_blocks=False):
     return step
 
 
-def run_hf(cfg, batches, lr):
-    """HF Llama's step function, or None without transformers."""
+def run_hf(cfg, batches, lr, device="cpu", bf16=False):
+    """HF Llama's step function, or None without transformers. On a GPU (bench/gpu_check.py):
+    fp32 weights under bf16 autocast and fused AdamW, as HF's Trainer runs with bf16=True."""
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
@@ -154,22 +155,25 @@ def run_hf(cfg, batches, lr):
     hf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
                      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                      num_key_value_heads=cfg.kv_heads, max_position_embeddings=4096,
-                     rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False, attn_implementation="sdpa")
+                     rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+                     attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(hf)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    return plain_step(_HFLoss(model), opt)
+    model = LlamaForCausalLM(hf).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=torch.device(device).type == "cuda" or None)
+    return plain_step(_HFLoss(model, bf16), opt)
 
 
 class _HFLoss:
     """HF shifts labels itself: pass the inputs' continuation as labels of the same length."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, bf16=False):
+        self.model, self.bf16 = model, bf16
 
     def __call__(self, x, y):
         # labels = inputs makes HF predict x[t+1] from x[:t+1]; identical work to kiln's x -> y
-        return self.model(input_ids=x, labels=x).loss
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(input_ids=x, labels=x).loss
 
     def parameters(self):
         return self.model.parameters()
