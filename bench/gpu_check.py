@@ -137,7 +137,7 @@ def _run_part(part, report, budget, dev, args, need, work, env, prep, peak):
         speed.run(report, budget, dev, args.dry_run, need["compile"])
     elif part == "train":
         from gpu import train
-        train.run(report, budget, dev, args.dry_run, work, env, prep, peak, need)
+        train.run(report, budget, dev, args.dry_run, work, env, prep, peak, need, args.max_docs)
     else:
         from gpu import sp
         sp.run(report, budget, dev, args.dry_run, need["sp_first"])
@@ -153,7 +153,9 @@ def _meta(args, dev) -> dict:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": name,
             "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "python": sys.version.split()[0], "commit": commit or "unknown (no git)", "budget_s": args.budget_s,
+            "python": sys.version.split()[0], "budget_s": args.budget_s,
+            # the device machine gets the working tree without .git: the caller names the commit
+            "commit": commit or os.environ.get("KILN_COMMIT") or "unknown (no git; set KILN_COMMIT)",
             "dry_run": args.dry_run, "parts": args.parts}
     if dev.type == "cuda":
         meta["capability"] = ".".join(map(str, torch.cuda.get_device_capability(dev)))

@@ -103,3 +103,20 @@ def test_bad_arguments_one_line_and_exit_2(tmp_path):
     if not torch.cuda.is_available():
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1 and "no CUDA device" in lines[0], res.stderr
+
+
+def test_gpu_only_settings_stay_valid():
+    """What only the GPU runs: its recipes with their overrides load, and its tables build."""
+    from gpu import kernels, speed, train
+    from kiln.trainer.config import load_recipe
+
+    for name, (recipe, sets) in train.GPU_RUNS.items():
+        full = {**train.COMMON, "train.name": name, "data.max_documents": 1500, **sets}
+        r = load_recipe(ROOT / recipe, [f"{k}={v}" for k, v in full.items()])
+        assert r.train.nproc == 1 and r.parallel.ep == 1 and r.logging.wandb.mode == "disabled"
+    table = speed.ops(torch.device("cpu"), dry=False)
+    assert {"linear_ce_32k", "linear_ce_128k", "attention_causal", "attention_doc", "grouped_gemm"} <= set(table)
+    for op in ("rms_norm", "rope", "swiglu", "linear_ce_32k", "linear_ce_128k"):
+        assert {"triton", "eager", "torch.compile"} <= set(table[op][1]), op
+    assert "flex" in table["attention_doc"][1]  # this torch has FlexAttention
+    assert set(kernels._cases(torch.device("cpu"), dry=False)) >= {"grouped_linear", "attention_doc_mask"}
