@@ -35,6 +35,7 @@ from kiln.data.decompose_loader import build_decompose_loader
 from kiln.data.decompose import Decomposed, bucket_dir
 from kiln.data.indexed import read_documents
 from kiln.data.loader import ChunkLoader
+from kiln.infer.evaluate import heldout_loss
 from kiln.trainer.optim import lr_lambda
 from kiln.model import ModelConfig, Transformer, attention_flops, matmul_params
 from kiln.trainer.objectives import CausalLM
@@ -87,12 +88,7 @@ def evaluate(model, prefix: str, seq_len: int, tokens: int) -> float:
     """Mean held-out loss over the first `tokens` tokens, as windows of seq_len with doc masks."""
     rows = max(1, min(8, tokens // seq_len, 16384 // seq_len))  # dense 8k masks: keep memory modest
     loader = ChunkLoader(prefix, seq_len, rows, 0, 1, seed=0)
-    obj = CausalLM(model).eval()
-    losses = []
-    with torch.no_grad():
-        for b in loader.eval_batches(max(1, tokens // (rows * seq_len))):
-            losses.append(float(obj(**b)))
-    return sum(losses) / len(losses)
+    return heldout_loss(model, loader.eval_batches(max(1, tokens // (rows * seq_len))))["loss"]
 
 
 def eval_breakdown(model, prefix: str, seq_len: int, tokens: int, lo: int) -> dict:

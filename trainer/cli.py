@@ -1,5 +1,6 @@
 """The `kiln` command: the parser, built from kiln.trainer.commands (one module per command:
-train, prepare, config, report, place, profile-routing), and user errors mapped to exit codes."""
+train, prepare, config, report, place, profile-routing, grow, generate, eval, expertflow, ...),
+and user errors mapped to exit codes."""
 import argparse
 import sys
 
@@ -28,6 +29,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
 def main(argv=None) -> int:
     """Console entry point; user errors print one line and return 2."""
     from kiln.data.errors import DataError, storage_message
+    from kiln.infer.errors import InferError
     from kiln.parallel.placement.io import PlacementError
 
     parser, subparsers = _parser()
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return COMMANDS[args.cmd].run(args)
-    except (ConfigError, DataError, CheckpointError, PlacementError) as e:
+    except (ConfigError, DataError, CheckpointError, PlacementError, InferError) as e:
         print(f"kiln: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

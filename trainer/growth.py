@@ -1,5 +1,5 @@
 """The transition between stages: the large stage's initial weights, grown from the small stage's
-final checkpoint (kiln.growth's operators on the fp32 weights that trainer/weights.py reads).
+final checkpoint (kiln.growth's operators on the fp32 weights that kiln.infer.load reads).
 
 The small stage always checkpoints its last step, so growing reads a file every rank can see, and
 a run killed after the transition but before the large stage's first checkpoint grows the same
@@ -18,7 +18,7 @@ from kiln.growth.ops import grow
 from kiln.model import param_count
 from kiln.trainer import checkpoint
 from kiln.trainer.stage import resolve_model
-from kiln.trainer.weights import checkpoint_state
+from kiln.infer.load import checkpoint_state
 
 
 GROWN_FILE = "grown_model.pt"  # tensors only: loaded with weights_only=True, no code runs

@@ -10,6 +10,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from kiln.infer.evaluate import batch_losses
 from kiln.trainer.monitor import fmt_eta, memory_gb
 
 
@@ -117,11 +118,11 @@ def evaluate(stage, hooks, step: int) -> float:
     hooks.eval_begin(stage)
     engine = stage.engine
     engine.eval()
-    with torch.no_grad():
-        losses = [float(engine(**stage.place(b))) for b in stage.held_out.eval_batches(stage.recipe.train.eval_batches)]
+    total, n = batch_losses(lambda b: engine(**stage.place(b)),
+                            stage.held_out.eval_batches(stage.recipe.train.eval_batches))
     engine.train()
     hooks.eval_end(stage)
-    loss = mean_across_ranks(sum(losses) / max(len(losses), 1), stage.run.device)
+    loss = mean_across_ranks(total / max(n, 1), stage.run.device)
     ppl = float(torch.tensor(loss).exp())
     stage.run.monitor.log({"step": step, "eval/loss": loss, "eval/ppl": ppl},
                           f"step {step:>6} | eval loss {loss:.4f} | ppl {ppl:.2f}")

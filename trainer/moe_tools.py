@@ -8,16 +8,13 @@ ILP on a run's latest profile and writes <run>/placement.json.
 from pathlib import Path
 
 import numpy as np
-import torch
-import yaml
 
 from kiln.parallel.expert import contiguous_placement
 from kiln.parallel.placement import place
 from kiln.parallel.placement.io import PlacementError, RoutingProfile
 from kiln.parallel.placement.metrics import Topology, evaluate
 from kiln.parallel.routing import RoutingProfiler, latest_profile, placement_quality, save_profile
-from kiln.trainer.checkpoint import ckpt_root, latest_tag
-from kiln.trainer.config import ConfigError, from_dict, load_recipe
+from kiln.trainer.config import ConfigError, load_recipe
 from kiln.trainer.hooks.moe import cost_model
 
 
@@ -55,39 +52,25 @@ def place_run(run_dir, ranks: int | None = None, nodes: int = 1, time_limit: flo
     return res, base, out
 
 
-def _checkpoint_dir(path: Path) -> tuple[Path, Path]:
-    """(run dir, checkpoint tag dir) for a run dir or a checkpoint tag dir."""
-    if (path / "kiln_recipe.yaml").is_file():
-        return path.parent.parent, path
-    tag = latest_tag(path)
-    if tag is None:
-        raise ConfigError(f"{path} is neither a run directory with checkpoints nor a checkpoint "
-                          "directory (e.g. checkpoints/step_00000100): pass e.g. runs/moe_tiny")
-    return path, ckpt_root(path) / tag
-
-
 def profile_checkpoint(path, batches: int = 16, out: str | None = None):
     """Route `batches` held-out batches through a checkpoint's model; save and return the profile.
-    Returns (RoutingProfile, saved path, quality dict under the run's placement or per expert)."""
+    Returns (RoutingProfile, saved path, quality dict under the run's placement or per expert,
+    held-out loss of those batches)."""
     from kiln.data.loader import ChunkLoader
-    from kiln.data.prepare import prepare
+    from kiln.infer.evaluate import heldout_loss
     from kiln.parallel.expert_state import saved_placement
+    from kiln.trainer.commands.common import open_checkpoint
 
-    run_dir, tag_dir = _checkpoint_dir(Path(path))
-    recipe = from_dict(yaml.safe_load((tag_dir / "kiln_recipe.yaml").read_text()), saved=True)
+    ckpt = open_checkpoint(Path(path))
+    recipe, tag_dir = ckpt.recipe, ckpt.tag_dir
+    run_dir = tag_dir.parent.parent
     if recipe.model.mlp != "moe":
         raise ConfigError(f"{tag_dir} is a dense model (model.mlp={recipe.model.mlp}): no routing to profile")
-    data = prepare(recipe.data, progress=False)
-    from kiln.trainer.stage import resolve_model
-    from kiln.trainer.weights import load_unsharded
-
-    model = load_unsharded(tag_dir, resolve_model(recipe, data.vocab_size), recipe.parallel.zero_stage)
+    model = ckpt.model()
     profiler = RoutingProfiler(model)
     t = recipe.train
-    loader = ChunkLoader(data.valid_prefix, recipe.data.seq_len, t.micro_batch, 0, 1, t.seed)
-    with torch.no_grad():
-        for b in loader.eval_batches(batches):
-            model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
+    loader = ChunkLoader(ckpt.data.valid_prefix, recipe.data.seq_len, t.micro_batch, 0, 1, t.seed)
+    held = heldout_loss(model, loader.eval_batches(batches))
     prof = profiler.snapshot("profile")
     if prof is None:
         raise ConfigError(f"the held-out split of {recipe.data.source} gave no batches to profile")
@@ -100,7 +83,7 @@ def profile_checkpoint(path, batches: int = 16, out: str | None = None):
     placement = saved_placement(tag_dir)
     ranks = int(placement.max()) + 1 if placement is not None else 0
     quality = placement_quality(prof, placement, ranks)
-    return prof, saved, quality
+    return prof, saved, quality, held
 
 
 def format_place(res, base: dict, out: Path) -> str:
@@ -120,11 +103,12 @@ def format_place(res, base: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def format_profile(prof: RoutingProfile, saved: Path, quality: dict) -> str:
+def format_profile(prof: RoutingProfile, saved: Path, quality: dict, held: dict) -> str:
     """The console report of `kiln profile-routing`."""
     per = [f"{quality[k]:.2f}" for k in sorted(q for q in quality if q.startswith("moe/balance/l"))]
     lines = [f"kiln profile-routing: {prof.tokens:,} held-out tokens, {prof.layers} MoE layers x "
              f"{prof.experts} experts (top-{prof.top_k}) -> {saved}",
+             f"  held-out loss on them: {held['loss']:.4f} (ppl {held['ppl']:.2f})",
              f"  balancedness per layer: {' '.join(per)}"]
     if "moe/cross_rank_frac" in quality:
         lines.append(f"  cross-rank fraction: {quality['moe/cross_rank_frac']:.3f}")

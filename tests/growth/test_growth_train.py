@@ -78,7 +78,7 @@ def test_zero2_and_zero3_checkpoints_grow_like_the_unsharded_weights(small_recip
     from kiln.data.prepare import prepare
     from kiln.trainer.config import load_recipe
     from kiln.trainer.stage import resolve_model
-    from kiln.trainer.weights import checkpoint_state
+    from kiln.infer.load import checkpoint_state
 
     short = ["--set", "train.steps=3", "--set", "checkpoint.every=3"]
     states = {}
@@ -114,7 +114,7 @@ def test_bad_growth_recipes_get_one_line(small_recipe, sets, fragment):
 
 
 def test_kiln_grow_writes_a_run_that_kiln_train_continues_as_the_large_model(small_recipe, tmp_path):
-    from kiln.trainer.weights import checkpoint_state
+    from kiln.infer.load import checkpoint_state
 
     kiln("train", small_recipe, "--set", "train.steps=3", "--set", "train.name=s")
     small_tag = tmp_path / "runs" / "s" / "checkpoints" / "step_00000003"

@@ -65,30 +65,19 @@ def grow_checkpoint(path: Path, out: Path, factor: int, op: str):
     """Grow the checkpoint at `path` (a run dir's newest or a tag dir) into the run dir `out`."""
     import dataclasses
 
-    import yaml
-
     from kiln.growth.ops import grow
+    from kiln.infer.load import checkpoint_state
     from kiln.model import param_count
-    from kiln.trainer.checkpoint import CheckpointError, ckpt_root, latest_tag
+    from kiln.trainer.checkpoint import CheckpointError
+    from kiln.trainer.commands.common import open_checkpoint
     from kiln.trainer.config import from_dict, to_dict
     from kiln.trainer.growth import write_grown_checkpoint
     from kiln.trainer.stage import resolve_model
-    from kiln.trainer.stages import stage_specs
-    from kiln.trainer.weights import checkpoint_state
 
     if out.exists():
         raise ConfigError(f"--out {out} exists: name a new folder (kiln grow never overwrites a run)")
-    tag_dir = path if (path / "kiln_recipe.yaml").is_file() else (
-        ckpt_root(path) / latest_tag(path) if latest_tag(path) else None)
-    if tag_dir is None or not (tag_dir / "kiln_state.json").is_file():
-        raise ConfigError(f"{path} is neither a run directory with checkpoints nor a checkpoint directory "
-                          "(e.g. runs/tiny or runs/tiny/checkpoints/step_00000150)")
-    recipe = from_dict(yaml.safe_load((tag_dir / "kiln_recipe.yaml").read_text()), saved=True)
-    import json
-
-    progress = json.loads((tag_dir / "kiln_state.json").read_text())
-    progress = progress.get("progress", progress)
-    stage = stage_specs(recipe, recipe.train.nproc)[int(progress.get("stage", 0))].recipe
+    opened = open_checkpoint(path)
+    tag_dir, stage, progress = opened.tag_dir, opened.recipe, opened.progress
     try:
         state = checkpoint_state(tag_dir, stage.model, stage.parallel.zero_stage)
         small = resolve_model(stage, state["embed.weight"].shape[0])

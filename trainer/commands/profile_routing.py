@@ -18,6 +18,6 @@ def run(args) -> int:
 
     if args.batches < 1:
         raise ConfigError("kiln profile-routing needs --batches >= 1")
-    prof, saved, quality = profile_checkpoint(args.path, args.batches, args.out)
-    print(format_profile(prof, saved, quality))
+    prof, saved, quality, held = profile_checkpoint(args.path, args.batches, args.out)
+    print(format_profile(prof, saved, quality, held))
     return 0

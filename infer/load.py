@@ -1,20 +1,22 @@
-"""A kiln checkpoint's model weights as one unsharded fp32 state dict, whatever wrote it.
+"""A kiln checkpoint's model as one unsharded fp32 model on one process, whatever wrote it.
 
 * ZeRO 1-3 without expert parallelism: DeepSpeed's own consolidation of the fp32 master weights
   (`get_fp32_state_dict_from_zero_checkpoint`), never the module file, which a bf16 run saves in
   bf16 and ZeRO-3 saves partitioned;
 * ZeRO 0, and expert-parallel runs (DeepSpeed's MoE param groups; its module file holds rank 0's
   bank rows only): the module file for the dense weights, and every expert from kiln's expert
-  files by (layer, expert), the fp32 master rows (kiln.parallel.expert_state).
+  files by (layer, expert), the fp32 master rows (kiln.parallel.expert_state), whatever the
+  world size and placement that wrote them.
 Names are kiln.model.Transformer's (`layers.<i>...`), so growth operators and tools can use them.
+The caller resolves the model config (the trainer owns recipes); this module reads weights only.
 """
 from pathlib import Path
 
 import torch
 
+from kiln.infer.errors import InferError
 from kiln.model import Transformer
 from kiln.model.transformer import mlp_kind
-from kiln.trainer.config import ConfigError
 
 
 def checkpoint_state(tag_dir: Path, model_cfg, zero_stage: int) -> dict:
@@ -40,11 +42,14 @@ def checkpoint_state(tag_dir: Path, model_cfg, zero_stage: int) -> dict:
     return state
 
 
-def load_unsharded(tag_dir: Path, model_cfg, zero_stage: int):
-    """The model of a checkpoint on one CPU process, whatever its ZeRO stage and placement."""
+def load_model(tag_dir: Path, model_cfg, zero_stage: int) -> Transformer:
+    """The model of a checkpoint in fp32 on the CPU, in eval mode (see the module doc)."""
+    if not (Path(tag_dir) / "mp_rank_00_model_states.pt").is_file():
+        raise InferError(f"{tag_dir} holds no model states (mp_rank_00_model_states.pt): pass a kiln "
+                         "checkpoint directory, e.g. runs/tiny/checkpoints/step_00000400")
     model = Transformer(model_cfg)
     result = model.load_state_dict(checkpoint_state(tag_dir, model_cfg, zero_stage), strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ConfigError(f"checkpoint {tag_dir} does not match its recipe's model (missing "
-                          f"{sorted(result.missing_keys)[:3]}, unexpected {result.unexpected_keys[:3]})")
+        raise InferError(f"checkpoint {tag_dir} does not match its recipe's model (missing "
+                         f"{sorted(result.missing_keys)[:3]}, unexpected {result.unexpected_keys[:3]})")
     return model.eval()

@@ -1,0 +1,34 @@
+"""The held-out evaluation: one loop shared by the trainer's eval step, `kiln eval`,
+`kiln profile-routing` and the benches, so every reported held-out loss means the same thing."""
+import math
+
+import torch
+
+
+def batch_losses(loss_fn, batches) -> tuple[float, int]:
+    """(sum, count) of `loss_fn(batch)` over `batches`, without gradients. Each loss is one
+    batch's mean; callers average sum / count (the trainer then across ranks)."""
+    with torch.no_grad():
+        losses = [float(loss_fn(b)) for b in batches]
+    return sum(losses), len(losses)
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    """Mean next-token cross-entropy of `model` (a kiln Transformer) on one batch: the causal
+    objective's loss in eval mode (no router losses)."""
+    hidden = model(batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
+    return model.head(hidden, labels=batch["labels"])
+
+
+def heldout_loss(model, batches) -> dict:
+    """Held-out loss and perplexity of `model` on `batches` (eval mode for the call)."""
+    was_training = model.training
+    model.eval()
+    try:
+        total, n = batch_losses(lambda b: lm_loss(model, b), batches)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        return {"loss": float("nan"), "ppl": float("nan"), "batches": 0}
+    loss = total / n
+    return {"loss": loss, "ppl": math.exp(loss), "batches": n}
