@@ -9,11 +9,11 @@ so that nothing is killed mid-write.
 """
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from kiln.slurm.env import SlurmError
 from kiln.slurm.jobs import run_slurm, time_left_s
 
 MARGIN_S = 30  # a signal this close to (lead time before) the end counts as the time limit
@@ -75,8 +75,11 @@ def main(argv=None) -> int:
         return rc  # the run's own exit code: 0 finished, else it failed (see the log above)
     print(line, flush=True)
     if action == "requeue":
-        sys.stdout.flush()
-        run_slurm(["scontrol", "requeue", job])  # Slurm ends this script now; the job goes pending
+        try:
+            run_slurm(["scontrol", "requeue", job])  # Slurm ends this script now; the job goes pending
+        except SlurmError as e:  # e.g. requeue disabled for this partition: the checkpoint is kept
+            print(f"kiln: error: {e}; the checkpoint is kept: `kiln submit` again to continue", flush=True)
+            return 1
         time.sleep(60)  # (not reached in practice) wait to be ended rather than finish the job
     return 0
 

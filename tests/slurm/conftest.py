@@ -14,16 +14,12 @@ from tests.trainer.conftest import ROOT
 
 SCRIPT = ROOT / "slurm" / "local_cluster.sh"
 
-# 2 CPU ranks of the tests' small model; steps take tens of milliseconds
-RECIPE = """
-model: {dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2}
-data: {source: stdlib, vocab_size: 512, seq_len: 64, max_documents: 60, cache_dir: CACHE}
-train: {steps: 6, micro_batch: 4, nproc: 2, log_every: 1, eval_every: 0, eval_batches: 1, run_root: RUNS}
-logging: {wandb: {mode: disabled}}
-checkpoint: {every: 8}
-optim: {lr: 0.003}
-schedule: {warmup_steps: 2}
-"""
+# recipes/tiny.yaml shrunk to the tests' small model: 2 CPU ranks, one thread each (a 1-node and a
+# 2-node job then compute alike); steps take tens of milliseconds
+SHRINK = ("model.dim=64 model.n_layers=2 model.n_heads=4 model.n_kv_heads=2 data.vocab_size=512 data.seq_len=64 "
+          "data.max_documents=60 train.steps=6 train.micro_batch=4 train.nproc=2 train.threads=1 train.log_every=1 "
+          "train.eval_every=0 train.eval_batches=1 logging.wandb.mode=disabled checkpoint.every=8 optim.lr=0.003 "
+          "schedule.warmup_steps=2").split()
 
 
 def _free_base_port() -> int:
@@ -68,14 +64,15 @@ def slurm_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def slurm_recipe(slurm_cluster, tmp_path_factory):
-    """The small recipe with its data prepared (once: jobs then reuse the cache)."""
+    """`recipes/tiny.yaml --set ...` (shrunk) as kiln arguments, its data prepared once."""
     from tests.trainer.conftest import kiln
 
     home = tmp_path_factory.mktemp("slurm_runs")
-    p = home / "small.yaml"
-    p.write_text(RECIPE.replace("CACHE", str(home / "cache")).replace("RUNS", str(home / "runs")))
-    kiln("prepare", p)
-    return p
+    args = [str(ROOT / "recipes" / "tiny.yaml")]
+    for item in SHRINK + [f"data.cache_dir={home / 'cache'}", f"train.run_root={home / 'runs'}"]:
+        args += ["--set", item]
+    kiln("prepare", *args)
+    return args
 
 
 def squeue(job: str) -> str:
