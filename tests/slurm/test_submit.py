@@ -52,6 +52,7 @@ def test_a_two_task_job_runs_to_the_end(reference):
     assert f"log:     {run_dir}/slurm-{job}.out" in res.stdout
     assert scontrol(job)["JobState"] == "COMPLETED", (run_dir / f"slurm-{job}.out").read_text()[-2000:]
     assert (run_dir / "checkpoints" / "step_00000024").is_dir()
+    assert scontrol(job)["Restarts"] == "0" and not (run_dir / "slurm" / "requeues.json").exists()  # finished: no requeue
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
     log = (run_dir / f"slurm-{job}.out").read_text()
     assert "2 ranks (cpu" in log and "kiln: done." in log
