@@ -17,6 +17,7 @@ to run it with the device tool.
 """
 import argparse
 import datetime
+import hashlib
 import os
 import subprocess
 import sys
@@ -26,10 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("kernels", "speed", "train", "sp")
 # seconds a part (or one of its cases) needs to start: GPU, dry run
+# "share": what the later parts keep for themselves while an earlier one runs (gpu: 410 s of 450)
 NEED = {"gpu": {"kernels": 20, "case": 8, "speed": 30, "compile": 45, "train": 90, "kiln": 80, "hf": 40,
-                "reserve": 15, "sp": 10, "sp_first": 2},
+                "reserve": 15, "sp": 10, "sp_first": 2,
+                "share": {"kernels": 90, "speed": 110, "train": 170, "sp": 40}},
         "dry": {"kernels": 2, "case": 0.5, "speed": 2, "compile": 0, "train": 10, "kiln": 10, "hf": 3,
-                "reserve": 2, "sp": 1, "sp_first": 0.2}}
+                "reserve": 2, "sp": 1, "sp_first": 0.2,
+                "share": {"kernels": 5, "speed": 5, "train": 20, "sp": 2}}}
 
 
 class Tee:
@@ -98,25 +102,37 @@ def main(argv=None) -> int:
     work = out / "work" if args.dry_run else Path("/tmp/kiln-gpu-work")
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.dry_run and "TORCH_EXTENSIONS_DIR" not in env:
+        # DeepSpeed's CPU ranks JIT-build a shared-memory op into torch's extension cache; venvs at
+        # other paths sharing that cache make each other rebuild it (minutes): one cache per venv
+        tag = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+        env["TORCH_EXTENSIONS_DIR"] = str(Path.home() / ".cache" / "torch_extensions" / f"kiln-{tag}")
     prep = None
     if "train" in args.parts and not args.dry_run and inst["ok"]:  # tokenise on the CPUs meanwhile
         from gpu.train import prepare_command
         prep = subprocess.Popen(prepare_command(work, args.max_docs), cwd=ROOT, env=env,
                                 stdout=open(work / "prepare.log", "w"), stderr=subprocess.STDOUT)
-    for part in args.parts:
-        if not budget.allows(need[part]):
+    for i, part in enumerate(args.parts):
+        # a part may use what is left less the shares of the parts after it, so that an early part
+        # that runs long (compiles) cannot starve the training figures; a part that ends early
+        # leaves its time to the ones after it
+        later = sum(need["share"][p] for p in args.parts[i + 1:])
+        mine = Budget(max(0.0, budget.left() - later))
+        if not mine.allows(need[part]):
             report.part(part, "skipped", f"time budget: {budget.left():.0f} s left, {need[part]} s needed")
             print(f"== {part}: skipped (time budget)", flush=True)
             continue
         if part == "train" and not inst["ok"]:
             report.part(part, "skipped", f"the wheelhouse install failed: {inst.get('imports')}")
             continue
-        print(f"== {part} ({budget.left():.0f} s left)", flush=True)
+        print(f"== {part} ({mine.left():.0f} s of the {budget.left():.0f} s left)", flush=True)
         try:
-            _run_part(part, report, budget, dev, args, need, work, env, prep, peak)
+            _run_part(part, report, mine, dev, args, need, work, env, prep, peak)
         except Exception:  # a broken part is a finding; the others still run
             report.finish(part, "failed", traceback.format_exc()[-3000:])
             print(traceback.format_exc(), flush=True)
+        report.data[part]["seconds"] = round(mine.elapsed(), 1)
+        report.save()
     report.data["meta"]["elapsed_s"] = budget.elapsed()
     _keep_metrics(work, out)
     report.save()

@@ -131,19 +131,12 @@ def _moe(permute, unpermute, x, experts, weights):
 
 
 def _add_liger(cases, cos, sin):
-    try:
-        from liger_kernel.transformers import functional as LF
-    except ImportError:
-        return
-    cases["rms_norm"][1]["liger"] = lambda x, w: LF.liger_rms_norm(x, w, 1e-5, in_place=False)
-    cases["swiglu"][1]["liger"] = LF.liger_swiglu
-    full_cos, full_sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)  # HF layout [B, S, D]
-
-    def liger_rope(x):  # liger rotates q and k [B, H, S, D] together; feed x as both
-        q, _ = LF.liger_rope(x.transpose(1, 2), x.transpose(1, 2), full_cos, full_sin)
-        return q
-    cases["rope"][1]["liger"] = liger_rope
-    cases["linear_ce"][1]["liger"] = lambda h, w, y: LF.liger_fused_linear_cross_entropy(h, w, y)
+    """liger-kernel's peers, where installed (the GPU check's adapters: bench/gpu/speed.py)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu.speed import _add_liger as add, _liger
+    LF = _liger()
+    if LF is not None:
+        add(cases, LF, cos, sin)
 
 
 def _measure(fn, inputs, repeats=10):

@@ -20,7 +20,8 @@ def table(data: dict) -> str:
         if part is None:
             lines.append(f"{name}: not run")
             continue
-        lines.append(f"{name}: {part['status']}{' (' + part['reason'] + ')' if part.get('reason') else ''}")
+        secs = f", {part['seconds']:.0f} s" if "seconds" in part else ""
+        lines.append(f"{name}: {part['status']}{secs}{' (' + part['reason'] + ')' if part.get('reason') else ''}")
         lines += [f"  {row}" for row in _rows(name, part["cases"])]
     lines.append("goals:")
     lines += [f"  {g}" for g in goals(data)]
