@@ -18,7 +18,7 @@ SCRIPT = ROOT / "slurm" / "local_cluster.sh"
 # 2-node job then compute alike); steps take tens of milliseconds
 SHRINK = ("model.dim=64 model.n_layers=2 model.n_heads=4 model.n_kv_heads=2 data.vocab_size=512 data.seq_len=64 "
           "data.max_documents=60 train.steps=6 train.micro_batch=4 train.nproc=2 train.threads=1 train.log_every=1 "
-          "train.eval_every=0 train.eval_batches=1 logging.wandb.mode=disabled checkpoint.every=8 optim.lr=0.003 "
+          "train.eval_every=0 train.eval_batches=1 logging.wandb.mode=disabled checkpoint.every=20 optim.lr=0.003 "
           "schedule.warmup_steps=2").split()
 
 

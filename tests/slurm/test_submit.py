@@ -15,7 +15,7 @@ from tests.trainer.conftest import kiln, losses, metrics
 
 pytestmark = pytest.mark.slow
 
-STEPS = 24  # the reference and the preempted run
+STEPS = 60  # the reference and the preempted run: room for the signal to land before the end
 
 
 def submit(recipe, *args):
@@ -51,7 +51,7 @@ def test_a_two_task_job_runs_to_the_end(reference):
     run_dir, job, res, seconds = reference
     assert f"log:     {run_dir}/slurm-{job}.out" in res.stdout
     assert scontrol(job)["JobState"] == "COMPLETED", (run_dir / f"slurm-{job}.out").read_text()[-2000:]
-    assert (run_dir / "checkpoints" / "step_00000024").is_dir()
+    assert (run_dir / "checkpoints" / f"step_{STEPS:08d}").is_dir()
     assert scontrol(job)["Restarts"] == "0" and not (run_dir / "slurm" / "requeues.json").exists()  # finished: no requeue
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
     log = (run_dir / f"slurm-{job}.out").read_text()
@@ -68,7 +68,8 @@ def test_a_two_task_job_runs_to_the_end(reference):
           f"checkpoint {timing['checkpoint_s']:.3f} s, step {timing['step_s']:.3f} s")
 
 
-def test_a_signalled_two_node_job_checkpoints_requeues_and_finishes_on_the_same_curve(slurm_recipe, reference):
+def test_a_signalled_two_node_job_checkpoints_requeues_and_finishes_on_the_same_curve(slurm_recipe, reference,
+                                                                                   capsys):
     """Two slurmd on this host stand for two nodes, one rank each; their names do not resolve, so
     the address is given (slurm.master_addr), as on a cluster whose node names are not DNS names.
     The curve is the 1-node 2-task reference's: the same 2-rank world."""
@@ -83,6 +84,10 @@ def test_a_signalled_two_node_job_checkpoints_requeues_and_finishes_on_the_same_
         assert squeue(job), "the job ended without being requeued:\n" + (run_dir / f"slurm-{job}.out").read_text()
         time.sleep(0.2)
     t_requeued = time.time()
+    from kiln.trainer.cli import main  # a second job on the same run dir, while this one is queued again
+
+    assert main(["submit", *slurm_recipe, "--set", "train.name=preempted"]) == 2
+    assert capsys.readouterr().err.startswith(f"kiln: error: {run_dir} is already submitted as job {job} (")
     while "RUNNING" not in squeue(job):
         time.sleep(0.2)
     t_running = time.time()
@@ -93,7 +98,7 @@ def test_a_signalled_two_node_job_checkpoints_requeues_and_finishes_on_the_same_
     stopped = [line for line in log.splitlines() if line.startswith("kiln: stopped by SIGUSR1 after step_")]
     assert len(stopped) == 1, log[-3000:]
     stop_step = int(stopped[0].split("step_")[1].split()[0])
-    assert 6 <= stop_step < STEPS and (run_dir / "checkpoints" / "step_00000024").is_dir()
+    assert 6 <= stop_step < STEPS and (run_dir / "checkpoints" / f"step_{STEPS:08d}").is_dir()
     assert f"kiln: resuming {run_dir} from step_{stop_step:08d}" in log
     assert "kiln: preemption at step" in log and json.loads((run_dir / "slurm" / "requeues.json").read_text()) == \
         {"preemption": 1}

@@ -90,6 +90,7 @@ def _submit(args) -> int:
                          "(or --dry-run to see the script)")
     run_dirs = [Path(r.train.run_root) / r.train.name for r in recipes]
     home = run_root / base.train.name  # the run dir, or the sweep's folder holding the points' dirs
+    _refuse_live_job(home)
     lead, how = lead_time(base, home, s.nodes)
     job = JobSpec(job_name=base.train.name, run_dirs=[str(d) for d in run_dirs], workdir=str(Path.cwd()),
                   python=sys.executable, log_dir=str(home), nodes=s.nodes, tasks_per_node=tasks,
@@ -123,6 +124,18 @@ def _submit(args) -> int:
     print(f"  signal:  SIG{s.signal.upper().removeprefix('SIG')} {lead} s before the time limit ({how})")
     print(f"  status:  kiln status {home}")
     return 0
+
+
+def _refuse_live_job(home: Path) -> None:
+    """Two jobs on one run dir would interleave metrics and overwrite each other's checkpoints
+    (the ranks of a job do not lock it: they are many)."""
+    f = home / "slurm" / "job_id"
+    if f.is_file() and jobs.available():
+        job = f.read_text().strip()
+        state = jobs.job_state(job)
+        if state.get("source") == "squeue":  # squeue lists only live jobs (pending, running, requeued)
+            raise ConfigError(f"{home} is already submitted as job {job} ({state['state']}): wait for it, "
+                              f"scancel {job}, or set another train.name")
 
 
 def lead_time(recipe, run_dir: Path, nodes: int) -> tuple[int, str]:
