@@ -19,7 +19,7 @@ import torch
 
 from .config import DataConfig
 from .errors import DataError
-from .indexed import document_bounds, open_indexed
+from .indexed import open_indexed
 
 IGNORE_INDEX = -100
 
@@ -41,10 +41,7 @@ class ChunkLoader:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         self.prefix, self.seq_len, self.micro_batch = str(prefix), seq_len, micro_batch
         self.dp_rank, self.dp_size, self.seed, self.grad_accum = dp_rank, dp_size, seed, grad_accum
-        self._ds = open_indexed(prefix)
-        self._dtype = self._ds.index.dtype
-        self._itemsize = np.dtype(self._dtype).itemsize
-        self._doc_starts, self._doc_ends = document_bounds(self._ds)
+        self._tokens, self._doc_starts, self._doc_ends = open_indexed(prefix)
         self.total_tokens = int(self._doc_ends[-1]) if len(self._doc_ends) else 0
         self._num_samples = (self.total_tokens - 1) // seq_len
         if self._num_samples < 1:
@@ -133,8 +130,7 @@ class ChunkLoader:
         """The batch made of the given sample indices (one row each)."""
         L = self.seq_len
         starts = np.asarray(samples, dtype=np.int64) * L
-        read = self._ds.bin_reader.read  # sequences are back to back: token t is at t * itemsize
-        tokens = np.stack([read(self._dtype, L + 1, int(s) * self._itemsize) for s in starts])
+        tokens = np.stack([self._tokens[s:s + L + 1] for s in starts])  # sequences are back to back
         pos = starts[:, None] + np.arange(L + 1)
         doc = np.searchsorted(self._doc_ends, pos, side="right")  # document of every token
         first = np.maximum(self._doc_starts[doc[:, :L]], starts[:, None])

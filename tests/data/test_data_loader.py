@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kiln.data import DataConfig, DataError
-from kiln.data.indexed import IndexWriter, megatron_indexed
+from kiln.data.indexed import IndexWriter, megatron_indexed, open_indexed
 from kiln.data.loader import IGNORE_INDEX, ChunkLoader, build_loader
 
 SEQ = 8
@@ -138,6 +138,30 @@ def test_megatron_multi_sequence_documents(tmp_path):
     assert row["doc_ids"][0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
     assert row["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
     assert row["labels"][0].tolist() == [6, 7, -100, 9, 10, -100, 12, 13]
+
+
+def test_kiln_reader_equals_megatrons(tmp_path, corpus):
+    """kiln's numpy reader (open_indexed) against megatron.core's IndexedDataset, the oracle:
+    the same tokens and document bounds, on kiln-written and Megatron-written files (empty
+    documents included, which the loader skips)."""
+    b = megatron_indexed().IndexedDatasetBuilder(str(tmp_path / "m.bin"), dtype=np.uint16)
+    rng = np.random.default_rng(0)
+    for d in range(40):
+        for _ in range(int(rng.integers(0, 4))):  # 0 sequences: an empty document
+            b.add_item(torch.from_numpy(rng.integers(0, 60000, int(rng.integers(1, 30))).astype(np.int64)))
+        b.end_document()
+    b.finalize(str(tmp_path / "m.idx"))
+    for prefix in (corpus[0], str(tmp_path / "m")):
+        ds = megatron_indexed().IndexedDataset(prefix, mmap=True)
+        tokens, starts, ends = open_indexed(prefix)
+        cum = np.concatenate([[0], np.cumsum(ds.sequence_lengths)])
+        doc = np.asarray(ds.document_indices)
+        ref_starts, ref_ends = cum[doc[:-1]], cum[doc[1:]]
+        keep = ref_ends > ref_starts
+        assert np.array_equal(starts, ref_starts[keep]) and np.array_equal(ends, ref_ends[keep])
+        assert tokens.dtype == ds.index.dtype and len(tokens) == cum[-1]
+        for i in range(len(ds)):
+            assert np.array_equal(tokens[cum[i]:cum[i + 1]], ds[i])
 
 
 def test_errors(corpus):
