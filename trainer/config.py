@@ -7,6 +7,7 @@ cross-field validate(), and turns every user mistake into one ConfigError line.
 import dataclasses
 import difflib
 import operator
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,9 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
+_EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value, tp, where: str):
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
@@ -87,6 +91,8 @@ def _coerce(value, tp, where: str):
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _EXP_FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 and users: a float
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{where} must be {tp.__name__}, got bool {value!r}")
     if not isinstance(value, tp):

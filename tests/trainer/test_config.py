@@ -69,6 +69,14 @@ def test_wrong_type(tmp_path):
     assert "must be int, got bool" in error_of(tmp_path, "train:\n  steps: true\n")
 
 
+def test_exponent_floats_are_floats(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-3 as a string; in a recipe or an override it means the float
+    r = load_recipe(write(tmp_path, "optim:\n  lr: 3e-4\n"), ["optim.weight_decay=1E-2"])
+    assert r.optim.lr == 3e-4 and r.optim.weight_decay == 1e-2
+    assert "must be float, got str '1e-3x'" in error_of(tmp_path, "train: {}\n", ["optim.lr=1e-3x"])
+    assert "must be int, got str '1e3'" in error_of(tmp_path, "train: {}\n", ["train.steps=1e3"])
+
+
 @pytest.mark.parametrize("value,expected", [("auto", "auto"), ("on", "on"), ("off", "off"), ("true", "on"),
                                             ("false", "off"), ("yes", "on")])
 def test_compile_takes_auto_on_off_and_the_yaml_booleans(tmp_path, value, expected):
