@@ -17,7 +17,6 @@ to run it with the device tool.
 """
 import argparse
 import datetime
-import hashlib
 import os
 import subprocess
 import sys
@@ -102,11 +101,6 @@ def main(argv=None) -> int:
     work = out / "work" if args.dry_run else Path("/tmp/kiln-gpu-work")
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if args.dry_run and "TORCH_EXTENSIONS_DIR" not in env:
-        # DeepSpeed's CPU ranks JIT-build a shared-memory op into torch's extension cache; venvs at
-        # other paths sharing that cache make each other rebuild it (minutes): one cache per venv
-        tag = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
-        env["TORCH_EXTENSIONS_DIR"] = str(Path.home() / ".cache" / "torch_extensions" / f"kiln-{tag}")
     prep = None
     if "train" in args.parts and not args.dry_run and inst["ok"]:  # tokenise on the CPUs meanwhile
         from gpu.train import prepare_command
