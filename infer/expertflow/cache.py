@@ -35,6 +35,7 @@ class CacheStats:
         d = {k: v for k, v in self.__dict__.items() if k != "per_forward"}
         d.update(hit_rate=self.hits / used if used else float("nan"),
                  loads_per_token=self.loads / self.tokens if self.tokens else float("nan"),
+                 misses_per_token=self.misses / self.tokens if self.tokens else float("nan"),
                  bytes_per_token=self.bytes_moved / self.tokens if self.tokens else float("nan"),
                  activated_per_batch=self.activated / self.forwards if self.forwards else float("nan"))
         return d
@@ -54,7 +55,10 @@ class ExpertCache:
         self.unused = [set() for _ in range(store.layers)]                   # prefetched, not yet used
         self.stats = CacheStats()
         self.trace = [[] for _ in range(store.layers)]  # per layer: the expert set of each forward
-        self.lock = threading.Lock()  # the on-demand loader thread and the compute thread share lru
+        self.lock = threading.Lock()  # the loader threads and the compute thread share lru
+        self.ready = [threading.Event() for _ in range(store.layers)]  # layer's prefetch finished
+        for e in self.ready:
+            e.set()
         self.stream = torch.cuda.Stream() if store.device.type == "cuda" else None
 
     @property
@@ -103,6 +107,26 @@ class ExpertCache:
                 self.load(layer, e, keep)
                 self.stats.prefetched += 1
                 self.unused[layer].add(e)
+
+    def prefetch_async(self, wanted: list[list]) -> threading.Thread:
+        """Prefetch `wanted[layer]` for every layer in a background thread, layer 0 first, so a
+        later layer's copies overlap the compute of the earlier ones; each layer's forward waits
+        for its own (`ready`)."""
+        for e in self.ready:
+            e.clear()
+
+        def work():
+            try:
+                for layer, experts in enumerate(wanted):
+                    self.prefetch(layer, experts)
+                    self.sync()
+                    self.ready[layer].set()
+            finally:
+                for e in self.ready:
+                    e.set()
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        return t
 
     def mark_used(self, layer: int, experts) -> None:
         self.unused[layer].difference_update(experts)

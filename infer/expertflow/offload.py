@@ -32,6 +32,7 @@ class OffloadedCompute:
     def __call__(self, block, x, expert_idx, weights):
         cache, layer, e = self.cache, self.layer, block.num_experts
         x_perm, counts, row_map = kernels.moe_permute(x, expert_idx, e + 1)
+        cache.ready[layer].wait()  # this layer's prefetch, if one is running, has landed
         sizes = [int(c) for c in counts[:e].tolist()]
         kept = sum(sizes)
         starts = [sum(sizes[:i]) for i in range(e)]

@@ -3,7 +3,8 @@ predictor, driven by the generate / evaluate loops through one callback, `before
 
 Before each forward the predictor reads every row's tokens so far and names the experts each
 new token will use in every layer; the cache prefetches them, most-voted first, up to its
-slots. What it missed is loaded on demand inside the forward (kiln.infer.expertflow.offload).
+slots, in a background thread that runs ahead of the forward layer by layer. What it missed is
+loaded on demand inside the forward (kiln.infer.expertflow.offload).
 Without a predictor this is plain LRU on-demand loading.
 """
 from pathlib import Path
@@ -23,6 +24,7 @@ class ExpertFlow:
     def __init__(self, model, cache: ExpertCache, predictor=None):
         self.model, self.cache, self.predictor = model, cache, predictor
         self.history = None   # (ids, positions, valid) of every row so far
+        self._prefetching = None
         offload(model, cache)
 
     @classmethod
@@ -47,10 +49,13 @@ class ExpertFlow:
         top = self.predictor.predict(all_ids, position_ids=all_pos, doc_ids=all_valid.long())
         top = top[:, -ids.shape[1]:][valid]                     # [tokens, L, k] of the fed real tokens
         e = self.cache.store.experts
+        wanted = []
         for layer in range(self.cache.store.layers):
             votes = torch.bincount(top[:, layer].reshape(-1), minlength=e)
-            order = [int(x) for x in votes.argsort(descending=True, stable=True) if votes[x] > 0]
-            self.cache.prefetch(layer, order)
+            wanted.append([int(x) for x in votes.argsort(descending=True, stable=True) if votes[x] > 0])
+        if self._prefetching is not None:
+            self._prefetching.join()
+        self._prefetching = self.cache.prefetch_async(wanted)
 
     def fast_bytes(self) -> int:
         """Fast-tier bytes: the model's resident weights plus the expert slots."""
