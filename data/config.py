@@ -52,6 +52,10 @@ class DataConfig:
         "help": "decompose with curriculum=weights: one positive weight per bucket, shortest first"})
     num_cycles: int = field(default=8, metadata={
         "help": "decompose: curriculum cycles per epoch (each runs its share of every bucket)", "min": 1})
+    synthetic_needles: float = field(default=0.0, metadata={
+        "help": "share of the training split's text made of synthetic key-value needle documents "
+                "(kiln.data.needles: a needle line in a slice of a real document, queried at its end; fixed "
+                "seed, so every objective sees the same data), 0 = none", "min": 0, "lt": 1, "zero": "0 = none"})
     num_workers: int = field(default=2, metadata={
         "help": "worker processes tokenising during `kiln prepare` (0 = this process, using the "
                 "tokenizers library's own threads)", "min": 0, "zero": "0 = tokenise in this process"})

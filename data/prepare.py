@@ -124,6 +124,22 @@ def _hash_corpus(corpus: Corpus, train_idx, valid_idx) -> tuple[str, str, int]:
     return train_h.hexdigest(), all_h.hexdigest(), total
 
 
+def needle_chars(cfg: DataConfig) -> int:
+    """Longest needle document in characters: about one data.seq_len window (~2 characters per
+    token of the small byte-level BPEs), so needle and query mostly land in the same sample."""
+    return 2 * cfg.seq_len
+
+
+def _with_needles(corpus, train_idx, valid_idx, cfg):
+    """The corpus with data.synthetic_needles of needle documents among the training documents
+    (kiln.data.needles), its new split indices and its text size."""
+    from .needles import NeedleCorpus
+
+    nc = NeedleCorpus(corpus, train_idx, valid_idx, cfg.synthetic_needles, needle_chars(cfg))
+    text_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in nc.texts(range(len(nc))))
+    return nc, nc.train_idx, nc.valid_idx, text_bytes
+
+
 def _log(progress: bool, msg: str) -> None:
     if progress:
         print(f"[kiln prepare] {msg}", file=sys.stderr, flush=True)
@@ -155,7 +171,11 @@ def prepare(cfg: DataConfig, *, progress: bool = True, repair: bool = True) -> P
         _log(progress, f"tokenizer {path} ({'cached' if cached else 'trained'}, "
                        f"{time.perf_counter() - t:.1f}s)")
     tok_json = tok.to_str()
-    key = hashlib.sha256(f"{FORMAT}|{hashlib.sha256(tok_json.encode()).hexdigest()}|{all_hash}"
+    tag = ""
+    if cfg.synthetic_needles > 0:  # after the tokenizer: it is trained on the real documents only
+        corpus, train_idx, valid_idx, text_bytes = _with_needles(corpus, train_idx, valid_idx, cfg)
+        tag = f"|needles={cfg.synthetic_needles!r}/{needle_chars(cfg)}"
+    key = hashlib.sha256(f"{FORMAT}|{hashlib.sha256(tok_json.encode()).hexdigest()}|{all_hash}{tag}"
                          .encode()).hexdigest()
     final = cache / f"data-{key[:20]}"
     if final.exists():
