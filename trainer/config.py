@@ -205,8 +205,8 @@ def _check_combination(r: Recipe) -> None:
         if r.parallel.placement != "auto" and not Path(r.parallel.placement).is_file():
             raise ConfigError(f"parallel.placement={r.parallel.placement!r} is neither contiguous, auto nor an "
                               "existing file: run `kiln place RUN_DIR` to write a placement.json")
-    if r.objective.name == "clm" and not r.model.causal:
-        raise ConfigError("objective.name=clm needs model.causal=true (an encoder would see the "
+    if r.objective.name in ("clm", "meap") and not r.model.causal:
+        raise ConfigError(f"objective.name={r.objective.name} needs model.causal=true (an encoder would see the "
                           "tokens it predicts)")
     if r.growth.op != "none":  # the small stage must be a valid recipe, growing inside the run
         from kiln.trainer.stages import stage_specs

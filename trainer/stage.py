@@ -82,9 +82,11 @@ class Stage:
             loss_group = dist.group.WORLD
         else:
             loss_group = mesh.sp_group if mesh.sp > 1 else None
+        # seeded by the data-parallel rank: the sequence ranks of one replica share its batch, so
+        # they must draw the same masks for it (the batch is sharded after prepare_batch)
         self.objective = build_objective(recipe.objective.name, self.model, recipe.objective,
                                          loss_group=loss_group, seed=recipe.train.seed,
-                                         rank=mesh.rank).to(run.device)
+                                         rank=mesh.dp_rank, mask_id=run.data.mask_id).to(run.device)
         first = grown.progress.get("step", self.start) if grown is not None else self.start
         self.engine = build_engine(self.objective, recipe, run.bf16, steps=self.end - first, warmup=self.spec.warmup)
         self.recipe_dict = to_dict(run.recipe)  # a checkpoint names the run's recipe, whatever the stage

@@ -2,11 +2,13 @@
 
 An objective is one nn.Module that owns the model(s) and heads it trains, so that the DeepSpeed
 engine sees a single forward (ZeRO-3 gathers parameters module by module inside it):
-  * `build(model, cfg, ...)` (classmethod): wrap the built, parallelised model; build any extra
+  * `build(model, cfg, ..., mask_id)` (classmethod): wrap the built, parallelised model; build any extra
     model or head the objective needs (ELECTRA's generator, say);
   * `prepare_batch(batch, step)`: runs on the whole CPU batch, before sequence-parallel sharding,
     so that every layout sees the same inputs; its random choices come from `generator(step)`,
-    seeded by (seed, step, rank), so a resumed run redraws exactly what it drew before;
+    seeded by (seed, step, rank), so a resumed run redraws exactly what it drew before. `rank` is
+    the data-parallel rank (the stage passes mesh.dp_rank): the sequence ranks of one replica
+    hold the same batch and must draw the same masks for it;
   * `loss(**batch) -> (loss, metrics)`: the scalar the engine backpropagates and a dict of floats
     or scalar tensors for the log (averaged over the window);
   * `flops_per_token(seq_len)`: training FLOPs per token, for MFU.
@@ -34,8 +36,10 @@ class Objective(nn.Module, metaclass=abc.ABCMeta):
         self.last_metrics: dict = {}
 
     @classmethod
-    def build(cls, model: nn.Module, cfg, *, loss_group=None, seed: int = 0, rank: int = 0) -> "Objective":
-        """The objective for `model` with its recipe section `cfg` (objective.*)."""
+    def build(cls, model: nn.Module, cfg, *, loss_group=None, seed: int = 0, rank: int = 0,
+              mask_id: int | None = None) -> "Objective":
+        """The objective for `model` with its recipe section `cfg` (objective.*); `mask_id` is the
+        tokenizer's MASK token, for the objectives that mask inputs."""
         return cls(model, loss_group=loss_group, seed=seed, rank=rank)
 
     def generator(self, step: int) -> torch.Generator:

@@ -12,7 +12,7 @@ class CausalLM(Objective):
         self.z_loss = z_loss
 
     @classmethod
-    def build(cls, model, cfg, *, loss_group=None, seed: int = 0, rank: int = 0) -> "CausalLM":
+    def build(cls, model, cfg, *, loss_group=None, seed: int = 0, rank: int = 0, mask_id=None) -> "CausalLM":
         return cls(model, z_loss=cfg.z_loss, loss_group=loss_group, seed=seed, rank=rank)
 
     def loss(self, input_ids, labels, position_ids=None, doc_ids=None):

@@ -1,0 +1,59 @@
+"""MEAP: mask-enhanced autoregressive prediction (../shared/METHODS.md section 6).
+
+Next-token prediction whose *inputs* have a fraction of positions replaced by the MASK token:
+the labels stay the original next tokens, attention stays causal, and there is no extra head or
+compute, so the loss, the model call and flops_per_token are exactly CausalLM's. The masks are
+drawn in prepare_batch, on the whole batch before sequence-parallel sharding, from
+generator(step) (seeded by (seed, step, rank)), so SP=1 and SP=2 see identical inputs and a
+resumed run redraws the masks of the uninterrupted one.
+"""
+import torch
+
+from kiln.trainer.objectives.clm import CausalLM
+
+
+def meap_mask(labels: torch.Tensor, ratio: float, same_positions: bool, gen: torch.Generator) -> torch.Tensor:
+    """[B, S] bool: the input positions to replace by MASK.
+
+    Each position is masked with probability `ratio` (a Bernoulli draw, so the masked fraction
+    is binomial around the ratio). Per row by default; `same_positions` draws one set of
+    positions and applies it to every row (what the authors' code does). Positions without a
+    label (-100: a document's last token in concat packing, a chunk end in decomposition) are
+    never masked, so that no masked input sits where no loss could teach it.
+    """
+    b, s = labels.shape
+    shape = (1, s) if same_positions else (b, s)
+    draw = torch.rand(shape, generator=gen) < ratio
+    return draw.expand(b, s) & (labels != -100)
+
+
+class MEAP(CausalLM):
+    """CausalLM on inputs with `mask_ratio` of the positions replaced by `mask_id`."""
+
+    def __init__(self, model, mask_id: int, mask_ratio: float = 0.15, same_positions: bool = False,
+                 z_loss: float = 0.0, loss_group=None, seed: int = 0, rank: int = 0):
+        super().__init__(model, z_loss=z_loss, loss_group=loss_group, seed=seed, rank=rank)
+        self.mask_id, self.mask_ratio, self.same_positions = mask_id, mask_ratio, same_positions
+        self.mask_rate = 0.0  # realised fraction of the last prepared batch (logged by loss)
+
+    @classmethod
+    def build(cls, model, cfg, *, loss_group=None, seed: int = 0, rank: int = 0, mask_id=None) -> "MEAP":
+        if mask_id is None:
+            raise ValueError("MEAP needs the tokenizer's MASK id (kiln.data.tokenizer.MASK)")
+        m = cfg.meap
+        return cls(model, mask_id=mask_id, mask_ratio=m.mask_ratio, same_positions=m.same_positions_per_batch,
+                   z_loss=cfg.z_loss, loss_group=loss_group, seed=seed, rank=rank)
+
+    def prepare_batch(self, batch: dict, step: int) -> dict:
+        """The batch with masked inputs; labels, positions and document ids untouched."""
+        labels = batch["labels"]
+        mask = meap_mask(labels, self.mask_ratio, self.same_positions, self.generator(step))
+        eligible = int((labels != -100).sum())
+        self.mask_rate = float(mask.sum()) / max(eligible, 1)
+        return {**batch, "input_ids": batch["input_ids"].masked_fill(mask, self.mask_id)}
+
+    def loss(self, input_ids, labels, position_ids=None, doc_ids=None):
+        loss, metrics = super().loss(input_ids, labels, position_ids=position_ids, doc_ids=doc_ids)
+        if self.training:
+            metrics = {**metrics, "mask_rate": self.mask_rate}
+        return loss, metrics
