@@ -3,17 +3,20 @@ optionally with its experts offloaded (identical numbers: only where the weights
 from kiln.trainer.commands.serving import add_checkpoint_args, report_metrics, serving_model
 from kiln.trainer.config import ConfigError
 
-TASKS = ("ppl",)
+TASKS = ("ppl", "kv_retrieval")  # kv_retrieval: trainer/commands/eval_kv.py
 
 
 def add_parser(sub) -> None:
     """Declare `kiln eval`'s arguments."""
-    g = sub.add_parser("eval", help="evaluate a checkpoint (held-out perplexity)",
+    from kiln.trainer.commands import eval_kv
+
+    g = sub.add_parser("eval", help="evaluate a checkpoint (held-out perplexity, kv_retrieval)",
                        description="Evaluate a checkpoint on its run's held-out split.")
     add_checkpoint_args(g)
     g.add_argument("--task", default="ppl", help=f"what to evaluate: {', '.join(TASKS)} (default ppl)")
     g.add_argument("--batches", type=int, default=0,
                    help="held-out batches of data.seq_len (default: the recipe's train.eval_batches)")
+    eval_kv.add_args(g)
 
 
 def run(args) -> int:
@@ -30,6 +33,10 @@ def run(args) -> int:
         raise ConfigError(f"--batches must be >= 1 (got {args.batches})")
     ckpt = open_checkpoint(args.ckpt)
     model, flow = serving_model(args, ckpt)
+    if args.task == "kv_retrieval":
+        from kiln.trainer.commands import eval_kv
+
+        return eval_kv.run(args, ckpt, model, flow)
     r, t = ckpt.recipe, ckpt.recipe.train
     loader = ChunkLoader(ckpt.data.valid_prefix, r.data.seq_len, t.micro_batch, 0, 1, t.seed)
 

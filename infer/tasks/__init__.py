@@ -1,0 +1,1 @@
+"""Evaluation tasks of `kiln eval` beyond held-out perplexity (kiln.infer.evaluate)."""
