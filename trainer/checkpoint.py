@@ -63,8 +63,8 @@ def saved_recipe(run_dir: Path) -> dict | None:
         return None
     f = ckpt_root(run_dir) / tag / "kiln_recipe.yaml"
     if not f.is_file():
-        raise CheckpointError(f"checkpoint {f.parent} is incomplete (no kiln_recipe.yaml): "
-                              "delete it and its `latest` entry, or run with --no-resume")
+        raise CheckpointError(f"checkpoint {f.parent} is incomplete (no kiln_recipe.yaml): write the tag of an "
+                              f"older complete checkpoint into {f.parent.parent / 'latest'}, or run with --no-resume")
     try:
         return yaml.safe_load(f.read_text())
     except yaml.YAMLError:

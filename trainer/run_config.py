@@ -38,6 +38,15 @@ class TrainConfig:
                 "(kiln.trainer.compile_policy); true/false = on/off",
         "choices": ["auto", "on", "off"], "aliases": {True: "on", False: "off"}})
 
+    def validate(self):
+        """train.name is one folder inside run_root: `..`, `.`, a path or an absolute name would put
+        the run (and --no-resume's move aside) outside it, over other runs."""
+        n = self.name
+        if n and (n in (".", "..") or "/" in n or "\\" in n or n.startswith("~")):
+            raise ValueError(f"train.name={n!r} must be a plain folder name inside train.run_root (no '/', "
+                             "'.' or '..'): put the path in train.run_root instead")
+
+
 @dataclass
 class CheckpointConfig:
     """When and how much is saved."""

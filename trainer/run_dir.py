@@ -6,9 +6,11 @@ import socket
 import time
 from pathlib import Path
 
-from kiln.trainer.checkpoint import check_compatible, drop_unfinished, latest_tag
+from kiln.trainer.checkpoint import CheckpointError, check_compatible, ckpt_root, drop_unfinished, latest_tag
 from kiln.trainer.config import ConfigError, to_dict
 
+# the files every finished kiln checkpoint holds (DeepSpeed's model states, kiln's recipe and state)
+COMPLETE = ("mp_rank_00_model_states.pt", "kiln_recipe.yaml", "kiln_state.json")
 _CLAIMS = []  # open lock files: a lock lasts as long as this process (the OS drops it on any exit)
 
 
@@ -47,7 +49,17 @@ def prepare_run_dir(recipe, run_dir: Path, no_resume: bool, launched: bool) -> b
     if not launched:
         claim_run_dir(run_dir)
     tag = latest_tag(run_dir)
-    if tag is None:
+    orphans = sorted(d.name for d in ckpt_root(run_dir).glob("step_*") if d.is_dir()) if tag is None else []
+    if tag is None and not orphans:
+        return True
+    complete = [t for t in orphans if all((ckpt_root(run_dir) / t / f).is_file() for f in COMPLETE)]
+    if complete and not no_resume:
+        # Starting at step 0 here would overwrite these checkpoints and the metrics history. (Only
+        # unfinished first saves, say of a run killed with -9, start over as before.)
+        raise CheckpointError(f"{ckpt_root(run_dir)} holds checkpoints but no `latest` file; the newest complete one "
+                              f"is {complete[-1]}: write that name into {ckpt_root(run_dir) / 'latest'} to resume from "
+                              "it, or pass --no-resume to move the run aside and start over")
+    if tag is None and not no_resume:
         return True
     if no_resume:
         if _rank0():
