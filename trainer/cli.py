@@ -17,9 +17,19 @@ class _Strict(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kiln")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict]:
     """The whole `kiln` parser, and its subparsers by command name (for the misspelt-option hint)."""
     ap = argparse.ArgumentParser(prog="kiln", description="kiln: efficient LLM pretraining", allow_abbrev=False)
+    ap.add_argument("--version", action="version", version=f"kiln {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Strict)
     for command in COMMANDS.values():
         command.add_parser(sub)

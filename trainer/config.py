@@ -243,6 +243,22 @@ def parse_overrides(overrides) -> dict:
     return out
 
 
+def _yaml_problem(e: Exception) -> str:
+    """What is wrong and where (line, column), from a YAML error or one OmegaConf wraps."""
+    err = e if isinstance(e, yaml.MarkedYAMLError) else getattr(e, "__cause__", None) or e
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        buf, ptr = getattr(mark, "buffer", None) or "", getattr(mark, "pointer", None)
+        at = buf[ptr] if isinstance(ptr, int) and 0 <= ptr < len(buf) else ""
+        if not at and Path(str(getattr(mark, "name", ""))).is_file():  # OmegaConf read a stream
+            lines = Path(mark.name).read_text().splitlines()
+            at = lines[mark.line][mark.column:mark.column + 1] if mark.line < len(lines) else ""
+        hint = " (a tab: YAML indents with spaces)" if at == "\t" or "\t" in (err.problem or "") else ""
+        return f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}{hint}"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_yaml(path) -> dict:
     """Read a recipe file into a plain dict (interpolations resolved)."""
     p = Path(path)
@@ -254,8 +270,7 @@ def load_yaml(path) -> dict:
         conf = OmegaConf.load(p)
         data = OmegaConf.to_container(conf, resolve=True)
     except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"recipe '{path}' is not valid YAML: {first}") from None
+        raise ConfigError(f"recipe '{path}' is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe '{path}' must be a mapping of sections (model:, data:, ...)")
     return data

@@ -25,9 +25,11 @@ def one_error_line(res, *fragments):
 
 def test_help_lists_commands():
     res = kiln("--help")
-    for cmd in ("train", "prepare", "config", "report"):
+    for cmd in ("train", "prepare", "config", "report", "generate", "eval", "expertflow"):
         assert cmd in res.stdout
     assert "--no-resume" in kiln("train", "--help").stdout
+    from importlib.metadata import version
+    assert kiln("--version").stdout.strip() == f"kiln {version('kiln')}"
 
 
 def test_config_prints_resolved_recipe_and_reference():

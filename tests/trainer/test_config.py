@@ -69,6 +69,13 @@ def test_wrong_type(tmp_path):
     assert "must be int, got bool" in error_of(tmp_path, "train:\n  steps: true\n")
 
 
+def test_yaml_errors_name_line_and_column(tmp_path):
+    assert error_of(tmp_path, "train:\n  steps: 3\n  steps: 4\n").endswith(
+        "found duplicate key steps at line 3, column 3")
+    assert error_of(tmp_path, "train:\n\tsteps: 3\n").endswith("at line 2, column 1 (a tab: YAML indents with spaces)")
+    assert "did not find expected ',' or ']' at line 2" in error_of(tmp_path, "train: [1\n")
+
+
 def test_exponent_floats_are_floats(tmp_path):
     # PyYAML (YAML 1.1) reads 1e-3 as a string; in a recipe or an override it means the float
     r = load_recipe(write(tmp_path, "optim:\n  lr: 3e-4\n"), ["optim.weight_decay=1E-2"])
