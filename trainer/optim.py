@@ -58,3 +58,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
             continue
         (keep if p.dim() < 2 or "embed" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def schedule_change(old: dict, recipe, step: int) -> str | None:
+    """A warning when resuming at `step` with another train.steps moves the LR schedule under the
+    run (the decay spans train.steps, so raising it on a finished cosine run lifts the LR back
+    up with no other sign); None when the LR at `step` stays the same."""
+    o_steps = old.get("train", {}).get("steps")
+    s = recipe.schedule
+    if o_steps is None or o_steps == recipe.train.steps:
+        return None
+    o_sched = old.get("schedule", {})
+    before = lr_lambda(step, o_sched.get("warmup_steps", s.warmup_steps), o_steps, o_sched.get("decay", s.decay),
+                       old.get("optim", {}).get("min_lr_ratio", recipe.optim.min_lr_ratio),
+                       o_sched.get("decay_fraction", s.decay_fraction))
+    after = lr_lambda(step, s.warmup_steps, recipe.train.steps, s.decay, recipe.optim.min_lr_ratio, s.decay_fraction)
+    if abs(after - before) <= 1e-9:
+        return None
+    return (f"kiln: warning: train.steps {o_steps} -> {recipe.train.steps} moves the {s.decay} schedule under the "
+            f"run: the LR at step {step} goes from {before:.3g}x to {after:.3g}x optim.lr ({after / max(before, 1e-12):.2g}x). "
+            "Keep the old train.steps to keep its LR; runs that may grow are better planned with "
+            "schedule.decay=wsd (flat until the last decay_fraction, so more steps move only the tail)")

@@ -6,8 +6,10 @@ import socket
 import time
 from pathlib import Path
 
-from kiln.trainer.checkpoint import CheckpointError, check_compatible, ckpt_root, drop_unfinished, latest_tag
+from kiln.trainer.checkpoint import (CheckpointError, check_compatible, ckpt_root, drop_unfinished, latest_tag,
+                                     saved_recipe)
 from kiln.trainer.config import ConfigError, to_dict
+from kiln.trainer.optim import schedule_change
 
 # the files every finished kiln checkpoint holds (DeepSpeed's model states, kiln's recipe and state)
 COMPLETE = ("mp_rank_00_model_states.pt", "kiln_recipe.yaml", "kiln_state.json")
@@ -75,6 +77,8 @@ def prepare_run_dir(recipe, run_dir: Path, no_resume: bool, launched: bool) -> b
         return False
     if _rank0():
         print(f"kiln: resuming {run_dir} from {tag} (--no-resume starts over)")
+        if done is not None and (line := schedule_change(saved_recipe(run_dir) or {}, recipe, done)):
+            print(line)
     return True
 
 

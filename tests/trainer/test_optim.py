@@ -20,3 +20,22 @@ def test_wsd_is_flat_then_decays_linearly_over_its_fraction():
     assert lr[91] == pytest.approx(1 - 0.9 * 9 / 18) and lr[100] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lr[82:], lr[83:]))
     assert all(v == 1.0 for v in (lr_lambda(s, 10, 100, "wsd", 0.1, 0.0) for s in range(10, 101)))
+
+
+def test_raising_steps_on_resume_warns_with_the_lr_jump():
+    from kiln.trainer.config import Recipe, to_dict
+    from kiln.trainer.optim import schedule_change
+
+    r = Recipe()
+    old = to_dict(r)
+    old["train"]["steps"] = 300
+    r.train.steps = 600
+    line = schedule_change(old, r, 300)
+    end = r.optim.min_lr_ratio  # the finished 300-step cosine run ended at min_lr_ratio
+    now = lr_lambda(300, r.schedule.warmup_steps, 600, "cosine", r.optim.min_lr_ratio)
+    assert line.startswith("kiln: warning: train.steps 300 -> 600") and f"{end:.3g}x to {now:.3g}x" in line
+    r.train.steps = 300
+    assert schedule_change(old, r, 300) is None
+    r.train.steps, r.schedule.decay = 600, "constant"
+    old["schedule"]["decay"] = "constant"
+    assert schedule_change(old, r, 300) is None  # a constant LR does not move
