@@ -82,11 +82,9 @@ class Stage:
             loss_group = dist.group.WORLD
         else:
             loss_group = mesh.sp_group if mesh.sp > 1 else None
-        # seeded by the data-parallel rank: the sequence ranks of one replica share its batch, so
-        # they must draw the same masks for it (the batch is sharded after prepare_batch)
         self.objective = build_objective(recipe.objective.name, self.model, recipe.objective,
                                          loss_group=loss_group, seed=recipe.train.seed,
-                                         rank=mesh.dp_rank, mask_id=run.data.mask_id).to(run.device)
+                                         rank=mesh.rank, mask_id=run.data.mask_id).to(run.device)
         first = grown.progress.get("step", self.start) if grown is not None else self.start
         self.engine = build_engine(self.objective, recipe, run.bf16, steps=self.end - first, warmup=self.spec.warmup)
         self.recipe_dict = to_dict(run.recipe)  # a checkpoint names the run's recipe, whatever the stage
@@ -118,7 +116,19 @@ class Stage:
 
     def prepare(self, batch: dict, step: int) -> dict:
         """A training batch as the engine takes it: the objective's inputs, laid out, on the device."""
+        self.objective.rank = self.rows_owner(batch)
         return self.place(self.objective.prepare_batch(batch, step))
+
+    def rows_owner(self, batch: dict) -> int:
+        """The rank that seeds the objective's draws for `batch`: the data-parallel rank where the
+        sequence ranks of a replica hold the same rows (they shard them after prepare_batch, so
+        they must draw the same masks), this rank where it holds rows of its own (sp = 1, or a
+        decomposition bucket below parallel.sp_min_len, whose rows are split over every rank)."""
+        mesh = self.run.mesh
+        if mesh.sp > 1 and self.layout is not None and (
+                self.layout.ring_for is None or self.layout.ring_for(batch["input_ids"].shape[1])):
+            return mesh.dp_rank
+        return mesh.rank
 
     def place(self, batch: dict) -> dict:
         """This rank's part of `batch` for its sequence-parallel layout, on the device."""

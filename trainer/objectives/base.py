@@ -6,9 +6,9 @@ engine sees a single forward (ZeRO-3 gathers parameters module by module inside 
     model or head the objective needs (ELECTRA's generator, say);
   * `prepare_batch(batch, step)`: runs on the whole CPU batch, before sequence-parallel sharding,
     so that every layout sees the same inputs; its random choices come from `generator(step)`,
-    seeded by (seed, step, rank), so a resumed run redraws exactly what it drew before. `rank` is
-    the data-parallel rank (the stage passes mesh.dp_rank): the sequence ranks of one replica
-    hold the same batch and must draw the same masks for it;
+    seeded by (seed, step, rank), so a resumed run redraws exactly what it drew before. The stage
+    sets `rank` per batch to the owner of its rows (Stage.rows_owner): the data-parallel rank
+    where sequence ranks share the rows, so they draw the same masks for them;
   * `loss(**batch) -> (loss, metrics)`: the scalar the engine backpropagates and a dict of floats
     or scalar tensors for the log (averaged over the window);
   * `flops_per_token(seq_len)`: training FLOPs per token, for MFU.
