@@ -85,3 +85,13 @@ def test_auto_placement_solve_outcome(tmp_path, ranks):
     else:
         assert kind == "error" and "PlacementError" in value and "at most 4 ranks" in value
         assert not (tmp_path / "placement_auto.json").exists()
+
+
+def test_auto_placement_takes_its_node_count_from_the_launch():
+    from kiln.trainer.hooks.moe import ep_nodes
+
+    assert ep_nodes(8, {"LOCAL_WORLD_SIZE": "4"}) == 2      # 8 expert ranks over nodes of 4
+    assert ep_nodes(16, {"LOCAL_WORLD_SIZE": "4"}) == 4
+    assert ep_nodes(8, {"LOCAL_WORLD_SIZE": "8"}) == 1      # the group fits in one node
+    assert ep_nodes(6, {"LOCAL_WORLD_SIZE": "4"}) == 1      # not whole nodes: single-node model
+    assert ep_nodes(4, {}) == 1 and ep_nodes(4, {"LOCAL_WORLD_SIZE": "x"}) == 1

@@ -12,6 +12,7 @@ Placement (`parallel.placement`):
 Profiles: every `parallel.profile_every` steps the routing counts since the last profile are saved
 under <run>/profiles/ (and logged to W&B as heatmaps).
 """
+import os
 import time
 from pathlib import Path
 
@@ -191,6 +192,18 @@ class MoEHook(Hook):
         return s
 
 
+def ep_nodes(ep: int, env=None) -> int:
+    """Nodes one expert-parallel group spans: its ep consecutive ranks over nodes of
+    LOCAL_WORLD_SIZE ranks (torchrun and kiln's Slurm launch set it). 1 when the group fits in a
+    node or does not split into whole nodes."""
+    env = os.environ if env is None else env
+    try:
+        local = int(env.get("LOCAL_WORLD_SIZE") or 0)
+    except ValueError:
+        local = 0
+    return ep // local if 0 < local < ep and ep % local == 0 else 1
+
+
 class _Solve:
     """Rank 0's auto re-solve (the ILP, time-limited; stage 3 if asked) in a thread: HiGHS releases
     the GIL, so with parallel.placement_async the training loop goes on meanwhile."""
@@ -200,7 +213,7 @@ class _Solve:
 
         t = run.recipe.parallel
         self.step, self.t0, self.result = step, time.perf_counter(), None
-        args = (prof, "ilp", Topology(ranks=run.ep), cost_model(run.recipe.model, run.bf16))
+        args = (prof, "ilp", Topology(ranks=run.ep, nodes=ep_nodes(run.ep)), cost_model(run.recipe.model, run.bf16))
         kw = dict(time_limit=t.placement_time_limit, refine=t.placement_refine,
                   min_balance=t.placement_min_balance)
         out = str(run.run_dir / "placement_auto.json")
