@@ -181,6 +181,12 @@ def local_corpus(cfg: DataConfig, progress: bool = True) -> DatasetsCorpus:
     files = expand_paths(cfg.source)
     if not files:
         raise DataError(f"data.source {cfg.source!r} names no files: fix data.source")
+    # 0-byte files hold no document (and `datasets` cannot infer a schema from an empty .jsonl)
+    empty = [f for f in files if f.stat().st_size == 0]
+    files = [f for f in files if f.stat().st_size > 0]
+    if not files:
+        raise DataError(f"every file of data.source {cfg.source!r} is empty ({len(empty)}, e.g. {empty[0]}): "
+                        "add text to them or point data.source at the corpus")
     datasets = _datasets(progress)
     parts = []
     for kind in sorted({_KINDS[f.suffix] for f in files}):
@@ -191,7 +197,7 @@ def local_corpus(cfg: DataConfig, progress: bool = True) -> DatasetsCorpus:
                                        cache_dir=str(Path(cfg.cache_dir) / "hf"), **extra)
         except Exception as e:
             raise DataError(_unreadable(kind, group, e)) from None
-        if kind == "text" and cfg.text_unit != "document":  # blank lines are not documents
+        if kind == "text":  # blank lines, paragraphs or whole files are not documents
             ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
         # `datasets` names the column of plain text files "text" whatever data.text_field says
         parts.append((ds, "text" if kind == "text" else cfg.text_field))

@@ -66,6 +66,22 @@ def test_local_txt_and_jsonl(tmp_path):
     assert list(c2.texts(range(len(c2)))) == docs[:2]
 
 
+def test_empty_files_and_blank_documents_are_dropped(tmp_path):
+    docs = make_docs(4)
+    folder = tmp_path / "f"
+    write_txt(folder, docs)
+    (folder / "empty.txt").write_text("")
+    (folder / "blank.txt").write_text("\n  \n\t\n")
+    (folder / "empty.jsonl").write_text("")  # datasets cannot infer a schema from it
+    c = open_corpus(DataConfig(source=str(folder), cache_dir=str(tmp_path / "cache")), progress=False)
+    assert list(c.texts(range(len(c)))) == docs
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "a.jsonl").write_text("")
+    with pytest.raises(DataError, match="every file of data.source .* is empty"):
+        open_corpus(DataConfig(source=str(only), cache_dir=str(tmp_path / "cache")), progress=False)
+
+
 @pytest.mark.parametrize("unit,want", [
     ("document", ["one a\none b\n\n\ntwo\n\nthree\n"]),
     ("paragraph", ["one a\none b", "\ntwo", "three\n"]),  # `datasets` splits at "\n\n"
