@@ -91,6 +91,10 @@ def saved_state(run_dir: Path) -> dict | None:
         raise CheckpointError(f"{f} is corrupt: {_way_out(run_dir, tag)}") from None
 
 
+# the data keys that decide which corpus and tokenizer the token ids come from
+DATA_IDENTITY = ("source", "text_field", "text_unit", "tokenizer", "vocab_size", "max_documents", "heldout_percent")
+
+
 def check_compatible(run_dir: Path, recipe_dict: dict) -> None:
     """Refuse to resume a checkpoint whose model (or world layout) differs from the recipe."""
     old = saved_recipe(run_dir)
@@ -102,6 +106,12 @@ def check_compatible(run_dir: Path, recipe_dict: dict) -> None:
             raise CheckpointError(
                 f"checkpoint in {run_dir} has model.{key}={old_value!r} but the recipe says "
                 f"{new_value!r}: use another train.name, or --no-resume to start over")
+    for key in DATA_IDENTITY:  # another corpus or tokenizer: the same ids would mean other text
+        old_value, new_value = old.get("data", {}).get(key), recipe_dict.get("data", {}).get(key)
+        if key in old.get("data", {}) and old_value != new_value:
+            raise CheckpointError(
+                f"checkpoint in {run_dir} was trained with data.{key}={old_value!r} but the recipe says "
+                f"{new_value!r} (another corpus or tokenizer): use another train.name, or --no-resume to start over")
 
 
 def save(engine, run_dir: Path, step: int, parts: dict, recipe_dict: dict, keep: int) -> Path:

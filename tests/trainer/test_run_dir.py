@@ -41,3 +41,19 @@ def test_train_name_stays_inside_run_root(name):
     values["train"]["name"] = name
     with pytest.raises(ConfigError, match="plain folder name"):
         from_dict(values)
+
+
+def test_resuming_on_another_corpus_or_tokenizer_is_refused(tmp_path):
+    import yaml
+
+    run = tmp_path / "runs" / "r"
+    _checkpoint(run, "step_00000004")
+    saved = to_dict(Recipe())
+    (run / "checkpoints" / "step_00000004" / "kiln_recipe.yaml").write_text(yaml.safe_dump(saved))
+    (run / "checkpoints" / "latest").write_text("step_00000004")
+    assert prepare_run_dir(Recipe(), run, no_resume=False, launched=True)  # the same data resumes
+    for key, value in (("source", "/data/other"), ("vocab_size", 8192), ("tokenizer", "tok.json")):
+        r = Recipe()
+        setattr(r.data, key, value)
+        with pytest.raises(CheckpointError, match=f"data.{key}=.*another corpus or tokenizer"):
+            prepare_run_dir(r, run, no_resume=False, launched=True)
