@@ -88,6 +88,10 @@ class Run:
                   f"{stage.batches.tokens_per_step:,} tokens/step, steps {start}->{stage.end}"
                   + (f" (stage {stage.index + 1} of 2: {'small' if stage.index == 0 else 'grown'} model)"
                      if self.recipe.growth.op != "none" else ""), flush=True)
+            epochs = (stage.end - start) * stage.batches.tokens_per_step / max(self.data.train_tokens, 1)
+            if epochs > 1.5:  # a small corpus read many times over: held-out loss then says more
+                print(f"kiln: note: these steps read the {self.data.train_tokens:,}-token training split "
+                      f"{epochs:.1f} times over; a larger corpus (data.source) avoids repeating it", flush=True)
 
     def close(self) -> None:
         if self.monitor is not None:
