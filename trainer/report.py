@@ -20,10 +20,11 @@ def sparkline(values: list[float], width: int = 60) -> str:
     """Values resampled to `width` bars, low to high."""
     if not values:
         return ""
-    idx = [round(i * (len(values) - 1) / max(width - 1, 1)) for i in range(min(width, len(values)))]
+    n = min(width, len(values))  # fewer values than bars: one bar each, the whole run
+    idx = [round(i * (len(values) - 1) / max(n - 1, 1)) for i in range(n)]
     vs = [values[i] for i in idx]
     lo, hi = min(vs), max(vs)
-    return "".join(BARS[int((v - lo) / (hi - lo + 1e-12) * (len(BARS) - 1))] for v in vs)
+    return "".join(BARS[round((v - lo) / (hi - lo) * (len(BARS) - 1)) if hi > lo else 0] for v in vs)
 
 
 def report(run_dir: Path, metrics_file: str = "metrics.jsonl") -> str:
