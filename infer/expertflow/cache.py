@@ -48,8 +48,7 @@ class ExpertCache:
         if not 1 <= slots <= store.experts:
             raise ValueError(f"the expert cache needs 1 to {store.experts} slots per layer (got {slots})")
         self.store, self.slots = store, slots
-        dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(store.dtype, torch.float32)
-        self.tensors = [{w: torch.empty((slots,) + store.shapes[w][1:], dtype=dtype, device=store.device)
+        self.tensors = [{w: torch.empty((slots,) + store.shapes[w][1:], dtype=store.dtype, device=store.device)
                          for w in WEIGHTS} for _ in range(store.layers)]
         self.lru = [collections.OrderedDict() for _ in range(store.layers)]  # expert -> slot, oldest first
         self.unused = [set() for _ in range(store.layers)]                   # prefetched, not yet used

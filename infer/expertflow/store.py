@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from kiln.model.moe import MoE
 
 WEIGHTS = ("w1", "w3", "w2")
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors names
 
 
 def moe_blocks(model) -> list:
@@ -32,17 +33,13 @@ class ExpertStore:
         self.layers = sum(1 for k in keys if k.endswith(".w1"))
         self.shapes = {w: tuple(self._file.get_slice(f"l0.{w}").get_shape()) for w in WEIGHTS}
         self.experts = self.shapes["w1"][0]
-        self.dtype = self._file.get_slice("l0.w1").get_dtype()
+        self.dtype = _DTYPES.get(self._file.get_slice("l0.w1").get_dtype(), torch.float32)
         self._pinned = None
         if self.device.type == "cuda":  # host copies once, pinned, so copies can run async
             self._pinned = {(j, w): self._file.get_tensor(f"l{j}.{w}").pin_memory()
                             for j in range(self.layers) for w in WEIGHTS}
         self.bytes_per_expert = sum(
-            int(torch.Size(s[1:]).numel()) for s in self.shapes.values()) * self.element_size()
-
-    def element_size(self) -> int:
-        return torch.empty((), dtype={"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-                           .get(self.dtype, torch.float32)).element_size()
+            int(torch.Size(s[1:]).numel()) for s in self.shapes.values()) * self.dtype.itemsize
 
     @classmethod
     def write(cls, model, path: Path) -> Path:
