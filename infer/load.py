@@ -8,6 +8,9 @@
   files by (layer, expert), the fp32 master rows (kiln.parallel.expert_state), whatever the
   world size and placement that wrote them.
 Names are kiln.model.Transformer's (`layers.<i>...`), so growth operators and tools can use them.
+Only the objective's trained model (its `model.` submodule) is returned: for ELECTRA that is the
+discriminator alone (the generator `gen.` and the replaced-token head `rtd.` stay behind), so
+`kiln eval` and `kiln export` see the encoder; `part="gen"` or `"rtd"` reads those instead.
 The caller resolves the model config (the trainer owns recipes); this module reads weights only.
 """
 from pathlib import Path
@@ -19,8 +22,9 @@ from kiln.model import Transformer
 from kiln.model.transformer import mlp_kind
 
 
-def checkpoint_state(tag_dir: Path, model_cfg, zero_stage: int) -> dict:
-    """The fp32 state dict of the checkpoint `tag_dir` for a model of `model_cfg` (see module doc)."""
+def checkpoint_state(tag_dir: Path, model_cfg, zero_stage: int, part: str = "model") -> dict:
+    """The fp32 state dict of the checkpoint `tag_dir` for a model of `model_cfg`: the objective's
+    submodule `part` (default the trained model; see the module doc)."""
     from kiln.parallel.expert_state import expert_files, read_full_experts
 
     tag_dir = Path(tag_dir)
@@ -31,9 +35,10 @@ def checkpoint_state(tag_dir: Path, model_cfg, zero_stage: int) -> dict:
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     else:
         state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    state = {k.removeprefix("model."): v.float() for k, v in state.items()
-             if "expert_bank." not in k and "deepspeed_moe_marker" not in k}
-    if sharded_experts:
+    prefix = part + "."
+    state = {k.removeprefix(prefix): v.float() for k, v in state.items()
+             if k.startswith(prefix) and "expert_bank." not in k and "deepspeed_moe_marker" not in k}
+    if sharded_experts and part == "model":
         full = read_full_experts(tag_dir)
         moe_layers = [i for i in range(model_cfg.n_layers) if mlp_kind(model_cfg, i) == "moe"]
         for l, i in enumerate(moe_layers):
