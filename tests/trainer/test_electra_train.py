@@ -84,3 +84,16 @@ def test_encoder_objectives_refuse_a_causal_model(small_recipe):
     res = kiln("train", small_recipe, "--set", "objective.name=electra", check=False)
     assert res.returncode == 2, res.stderr[-2000:]
     assert "set model.causal=false" in res.stderr + res.stdout
+
+
+def test_electra_sequence_parallel_run_follows_the_single_rank_run(small_recipe, tmp_path):
+    # one data-parallel replica: the SP=2 ranks draw the masks and sampling noise of the single
+    # rank before sharding, and the generator's attention runs the discriminator's ring too
+    kiln("train", small_recipe, *ELECTRA, "--nproc", "1", "--set", "train.name=sp1")
+    kiln("train", small_recipe, *ELECTRA, "--set", "parallel.sp=2", "--set", "train.name=sp2")
+    ref, got = losses(tmp_path / "runs" / "sp1"), losses(tmp_path / "runs" / "sp2")
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4, 5, 6]
+    for step in ref:  # the tolerance of the CLM test (tests/trainer/test_train.py)
+        assert abs(got[step] - ref[step]) < 1e-4 * ref[step], (step, got[step], ref[step])
+    rates = [[r["objective/replaced_frac"] for r in _train(tmp_path / "runs" / n)] for n in ("sp1", "sp2")]
+    assert rates[0] == rates[1]

@@ -12,7 +12,7 @@ optimizer and one checkpoint hold the two:
   * sampling: each masked position is filled by a token sampled from the generator's softmax,
     by inverse CDF from one uniform per position drawn in prepare_batch (`noise`), so a resumed
     run samples what the uninterrupted one did; the logits are detached first, so no gradient
-    flows through sampling;
+    flows through sampling, and MASK itself is never drawn (the discriminator never sees it);
   * the discriminator sees the sampled text and predicts for every token whether it was
     replaced; a sample equal to the original counts as original;
   * loss = MLM_gen (mean over masked positions) + disc_weight (50) * RTD (mean BCE over every
@@ -90,10 +90,13 @@ class RTDHead(nn.Module):
         return self.out(F.gelu(self.dense(hidden))).squeeze(-1)
 
 
-def sample_tokens(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, noise: torch.Tensor, never: int | None = None) -> torch.Tensor:
     """One token per row of `logits` [N, V] from its softmax, by inverse CDF at `noise` [N] in [0, 1)
-    (detached: sampling passes no gradient)."""
-    cdf = torch.softmax(logits.detach().float(), dim=-1).cumsum(-1)
+    (detached: sampling passes no gradient); token `never` is never drawn."""
+    logits = logits.detach().float()
+    if never is not None:
+        logits = logits.index_fill(-1, torch.tensor([never], device=logits.device), float("-inf"))
+    cdf = torch.softmax(logits, dim=-1).cumsum(-1)
     idx = torch.searchsorted(cdf, (noise.float() * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
     return idx.clamp(max=logits.shape[-1] - 1)
 
@@ -152,7 +155,7 @@ class Electra(Objective):
         hidden = self.gen(self.model.embed(input_ids), position_ids, doc_ids)
         logits = self.gen.head(hidden[masked])  # [masked, V]: the head runs on masked rows only
         gen_loss = F.cross_entropy(logits.float(), labels[masked])
-        sampled = targets.masked_scatter(masked, sample_tokens(logits, noise[masked]))
+        sampled = targets.masked_scatter(masked, sample_tokens(logits, noise[masked], never=self.mask_id))
         replaced = rtd_labels(sampled, targets)
         disc_logits = self.rtd(self.model(sampled, position_ids=position_ids, doc_ids=doc_ids))
         rtd_loss = F.binary_cross_entropy_with_logits(disc_logits.float(), replaced)
