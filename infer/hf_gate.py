@@ -43,7 +43,8 @@ class GateReport:
     def line(self) -> str:
         """One line for the console."""
         head = (f"{self.architecture}: logits max-abs {self.max_abs:.2e} (<= {MAX_ABS:g}), "
-                f"KL {self.kl:.2e} (<= {KL:g})")
+                f"KL {self.kl:.2e} (<= {KL:g})") if self.max_abs == self.max_abs else \
+            f"{self.architecture}: logits not compared"
         extra = (f", {self.experts_checked} experts' checksums" if self.experts_checked else "") + \
                 f", tokenizer ids equal on {self.texts_checked} texts"
         if self.ok:
@@ -88,7 +89,9 @@ def expert_checksums(state: dict, cfg) -> dict:
     return sums
 
 
-def _check_weights(report, kiln_state, hf_model, on_disk: dict, cfg) -> None:
+def _check_weights(report, kiln_state, hf_model, cfg) -> None:
+    """Every tensor transformers loaded, mapped back to kiln's names, equals kiln's; for MoE also
+    the per-expert checksums of what it loaded."""
     try:
         loaded = hf.from_hf_state({k: v.detach().float() for k, v in hf_model.state_dict().items()}, cfg)
     except hf.Unmappable as e:
@@ -97,6 +100,19 @@ def _check_weights(report, kiln_state, hf_model, on_disk: dict, cfg) -> None:
     differ = [k for k in kiln_state if k not in loaded or not torch.equal(loaded[k], kiln_state[k])]
     if differ:
         report.problems.append(f"{len(differ)} tensors differ after loading in transformers, first {differ[:3]}")
+    if cfg.mlp == "moe":
+        _compare_experts(report, expert_checksums(kiln_state, cfg), expert_checksums(loaded, cfg), "in transformers")
+
+
+def _compare_experts(report, want: dict, got: dict, where: str) -> None:
+    bad = [k for k in want if got.get(k) != want[k]]
+    if bad:
+        report.problems.append(f"{len(bad)} experts' checksums differ {where}, first (layer, expert) {bad[:3]}")
+    report.experts_checked = len(want)
+
+
+def _check_experts_on_disk(report, kiln_state, on_disk: dict, cfg) -> None:
+    """MoE: each layer's expert count in the files, and each expert's checksum there."""
     if cfg.mlp != "moe":
         return
     for i in range(cfg.n_layers):
@@ -104,17 +120,12 @@ def _check_weights(report, kiln_state, hf_model, on_disk: dict, cfg) -> None:
                 for k in on_disk)
         if n != cfg.moe.num_experts:
             report.problems.append(f"layer {i} has {n} experts on disk, kiln has {cfg.moe.num_experts}")
-    want = expert_checksums(kiln_state, cfg)
-    for where, state in (("on disk", on_disk), ("in transformers", None)):
-        try:
-            got = expert_checksums(loaded if state is None else hf.from_hf_state(state, cfg), cfg)
-        except hf.Unmappable as e:
-            report.problems.append(f"experts {where}: {e}")
-            continue
-        bad = [k for k in want if got.get(k) != want[k]]
-        if bad:
-            report.problems.append(f"{len(bad)} experts' checksums differ {where}, first (layer, expert) {bad[:3]}")
-    report.experts_checked = len(want)
+    try:
+        got = expert_checksums(hf.from_hf_state(on_disk, cfg), cfg)
+    except hf.Unmappable as e:
+        report.problems.append(f"experts on disk: {e}")
+        return
+    _compare_experts(report, expert_checksums(kiln_state, cfg), got, "on disk")
 
 
 def _check_tokenizer(report, hf_dir: Path, kiln_tok, texts) -> None:
@@ -147,8 +158,17 @@ def run_gate(kiln_model, hf_dir, kiln_tok, texts, *, seed: int = 0, batch: int =
     report = GateReport(hf.architecture(cfg))
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # its notes (e.g. a text longer than model_max_length) are not findings
-    hf_model, info = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
-                                                          output_loading_info=True)
+    kiln_model = kiln_model.float().eval()
+    kiln_state = {k: v.detach().float() for k, v in kiln_model.state_dict().items()}
+    on_disk = hf_state_on_disk(hf_dir)
+    try:
+        hf_model, info = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
+                                                              output_loading_info=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        report.problems.append(f"transformers cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        _check_experts_on_disk(report, kiln_state, on_disk, cfg)
+        _check_tokenizer(report, hf_dir, kiln_tok, texts)
+        return report
     hf_model.eval()
     if type(hf_model).__name__ != report.architecture:
         report.problems.append(f"transformers built {type(hf_model).__name__}, not {report.architecture}")
@@ -156,8 +176,6 @@ def run_gate(kiln_model, hf_dir, kiln_tok, texts, *, seed: int = 0, batch: int =
     if missing:
         report.problems.append(f"transformers initialised {len(missing)} weights missing from the files "
                                f"at random, first {sorted(missing)[:3]}")
-    kiln_model = kiln_model.float().eval()
-    kiln_state = {k: v.detach().float() for k, v in kiln_model.state_dict().items()}
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
@@ -174,6 +192,7 @@ def run_gate(kiln_model, hf_dir, kiln_tok, texts, *, seed: int = 0, batch: int =
                 report.first_divergent = "the token embedding" if j == 0 else f"block {j - 1}"
                 break
         report.problems.append(f"logits differ; hidden states first diverge at {report.first_divergent}")
-    _check_weights(report, kiln_state, hf_model, hf_state_on_disk(hf_dir), cfg)
+    _check_weights(report, kiln_state, hf_model, cfg)
+    _check_experts_on_disk(report, kiln_state, on_disk, cfg)
     _check_tokenizer(report, hf_dir, kiln_tok, texts)
     return report
