@@ -2,6 +2,7 @@
 window logs ELECTRA's three diagnostics, a ZeRO-2 run resumed from its middle checkpoint
 follows the uninterrupted run bitwise with both models restored, and `kiln eval` reads the
 discriminator alone."""
+import json
 import shutil
 
 import pytest
@@ -66,8 +67,14 @@ def test_eval_reads_the_discriminator_alone(small_recipe, tmp_path):
     assert not any(k.startswith(("gen.", "rtd.")) for k in state)
     assert "embed.weight" in state and "gen.proj_in.weight" not in state
     assert "proj_in.weight" in _state(run, 3, "gen", zero=0)
-    res = kiln("eval", run, "--batches", "1")
-    assert "held-out loss" in res.stdout
+    out = tmp_path / "probe.json"
+    res = kiln("eval", run, "--task", "probe", "--per-class", "8", "--classes", "3", "--snippet-len", "32",
+               "--metrics-out", out)
+    assert "probe accuracy" in res.stdout
+    got = json.loads(out.read_text())
+    assert 0 <= got["accuracy"] <= 1 and got["chance"] == 1 / 3 and got["heldout_snippets"] == 12
+    res = kiln("eval", run, check=False)  # an encoder has no next-token perplexity
+    assert res.returncode == 2 and "use --task probe" in res.stderr + res.stdout
 
 
 def test_mlm_run_logs_its_mask_rate_and_accuracy(small_recipe, tmp_path):

@@ -3,20 +3,21 @@ optionally with its experts offloaded (identical numbers: only where the weights
 from kiln.trainer.commands.serving import add_checkpoint_args, report_metrics, serving_model
 from kiln.trainer.config import ConfigError
 
-TASKS = ("ppl", "kv_retrieval")  # kv_retrieval: trainer/commands/eval_kv.py
+TASKS = ("ppl", "kv_retrieval", "probe")  # kv_retrieval: trainer/commands/eval_kv.py; probe: eval_probe.py
 
 
 def add_parser(sub) -> None:
     """Declare `kiln eval`'s arguments."""
-    from kiln.trainer.commands import eval_kv
+    from kiln.trainer.commands import eval_kv, eval_probe
 
-    g = sub.add_parser("eval", help="evaluate a checkpoint (held-out perplexity, kv_retrieval)",
+    g = sub.add_parser("eval", help="evaluate a checkpoint (held-out perplexity, kv_retrieval, probe)",
                        description="Evaluate a checkpoint on its run's held-out split.")
     add_checkpoint_args(g)
     g.add_argument("--task", default="ppl", help=f"what to evaluate: {', '.join(TASKS)} (default ppl)")
     g.add_argument("--batches", type=int, default=0,
                    help="held-out batches of data.seq_len (default: the recipe's train.eval_batches)")
     eval_kv.add_args(g)
+    eval_probe.add_args(g)
 
 
 def run(args) -> int:
@@ -31,12 +32,21 @@ def run(args) -> int:
         raise ConfigError(f"unknown --task {args.task!r}: choose one of {', '.join(TASKS)}")
     if args.batches < 0:
         raise ConfigError(f"--batches must be >= 1 (got {args.batches})")
+    if args.task == "probe" and args.offload:
+        raise ConfigError("--task probe reads features of the whole model: drop --offload")
     ckpt = open_checkpoint(args.ckpt)
+    if args.task != "probe" and not ckpt.recipe.model.causal:
+        raise ConfigError(f"{ckpt.tag_dir} is a bidirectional encoder (model.causal=false, objective "
+                          f"{ckpt.recipe.objective.name}): it has no next-token {args.task}; use --task probe")
     model, flow = serving_model(args, ckpt)
     if args.task == "kv_retrieval":
         from kiln.trainer.commands import eval_kv
 
         return eval_kv.run(args, ckpt, model, flow)
+    if args.task == "probe":
+        from kiln.trainer.commands import eval_probe
+
+        return eval_probe.run(args, ckpt, model)
     r, t = ckpt.recipe, ckpt.recipe.train
     loader = ChunkLoader(ckpt.data.valid_prefix, r.data.seq_len, t.micro_batch, 0, 1, t.seed)
 
