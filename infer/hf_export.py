@@ -72,6 +72,11 @@ def write_hf(model, tok, out: Path, max_positions: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     files = _save_shards(state, out)
     config.save_pretrained(str(out))
+    # readers on transformers 4.x (and vLLM on them) take rope_theta at the top level, and their
+    # dtype from torch_dtype; without these they would use theta 10000 and guess the dtype
+    c = json.loads((out / "config.json").read_text())
+    c.update(rope_theta=float(cfg.rope_theta), torch_dtype="float32")
+    (out / "config.json").write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
     GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=pad).save_pretrained(str(out))
     write_tokenizer(tok, out, max_positions)
     return {"architecture": config.architectures[0], "files": files,

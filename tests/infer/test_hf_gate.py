@@ -39,7 +39,9 @@ def _texts_to_check():
     return [t[:2000] for t in _texts()] + ["caf\u00e9 \u65e5\u672c\u8a9e \U0001f600\ttabs  and\n\nlines"]
 
 
-@pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["llama", "mixtral"])
+@pytest.mark.parametrize("cfg", [DENSE, MOE, dataclasses.replace(DENSE, rope_theta=5e5, norm_eps=1e-6, n_kv_heads=1,
+                                                                 tie_embeddings=True)],
+                         ids=["llama", "mixtral", "llama-theta-mqa-tied"])
 def test_export_passes_the_gate(cfg, tok, tmp_path):
     model = _model(cfg)
     written = write_hf(model, tok, tmp_path / "hf", 128)

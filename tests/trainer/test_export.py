@@ -122,3 +122,84 @@ def test_user_errors_are_one_line(trained, hf_export, tmp_path):
         lines = [x for x in res.stderr.splitlines() if x.startswith("kiln: error:")]
         assert res.returncode == 2 and len(lines) == 1 and words in lines[0], (args, res.stderr[-500:])
     assert not (tmp_path / "r2").exists()
+
+
+def _import(src, out, *sets):
+    """kiln import-hf in this process (no data is prepared: it writes a recipe and weights)."""
+    import argparse
+
+    from kiln.trainer.commands import import_hf
+
+    return import_hf.run(argparse.Namespace(dir=str(src), out=str(out), recipe=None, set=list(sets)))
+
+
+def _grown_state(run_dir):
+    from kiln.trainer.checkpoint import ckpt_root, latest_tag
+    from kiln.trainer.growth import GROWN_FILE
+
+    return torch.load(ckpt_root(run_dir) / latest_tag(run_dir) / GROWN_FILE, weights_only=True)
+
+
+def test_import_of_a_mixtral_export_holds_its_tensors(tmp_path):
+    import dataclasses
+
+    import yaml
+
+    from kiln.data.tokenizer import train_tokenizer
+    from kiln.infer.hf_export import write_hf
+    from kiln.model import ModelConfig, MoEConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp="moe",
+                      moe=MoEConfig(num_experts=4, top_k=2, aux_loss_coef=0.02), rope_theta=5e5)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    write_hf(model, train_tokenizer([json.__doc__ * 20], 300), tmp_path / "hf", 128)
+    assert _import(tmp_path / "hf", tmp_path / "run", "train.steps=3", "model.moe.z_loss_coef=0") == 0
+    state, want = _grown_state(tmp_path / "run"), model.state_dict()
+    assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
+    recipe = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    moe = recipe["model"]["moe"]
+    assert (recipe["model"]["mlp"], moe["num_experts"], moe["top_k"], moe["aux_loss_coef"], moe["z_loss_coef"]) == \
+        ("moe", 4, 2, 0.02, 0)
+    assert recipe["model"]["rope_theta"] == 5e5 and recipe["train"]["steps"] == 3
+    assert recipe["data"]["tokenizer"] == str((tmp_path / "run" / "tokenizer.json").resolve())
+    assert dataclasses.asdict(cfg)["moe"]["expert_ffn_dim"] == 0 and moe["expert_ffn_dim"] == cfg.hidden_dim
+
+
+def test_import_adds_rows_for_kilns_special_tokens(tmp_path):
+    """An HF tokenizer without kiln's <|endoftext|>, <|mask|>, <|pad|> (as Llama's): kiln adds the
+    tokens, so the embedding grows to a multiple of 64 with mean rows; the old rows are kept."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from kiln.infer.hf_export import write_hf
+    from kiln.model import ModelConfig, Transformer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([json.__doc__ * 20], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert tok.get_vocab_size() == 320
+    cfg = ModelConfig(vocab_size=320, dim=64, n_layers=1, n_heads=4)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    write_hf(model, tok, tmp_path / "hf", 128)
+    _import(tmp_path / "hf", tmp_path / "run")
+    state = _grown_state(tmp_path / "run")
+    for name in ("embed.weight", "head.weight"):
+        w = model.state_dict()[name]
+        assert state[name].shape == (384, 64)
+        assert torch.equal(state[name][:320], w)
+        assert torch.allclose(state[name][320:], w.mean(0).expand(64, -1))
+
+
+def test_import_refuses_model_changes_and_damaged_files(tmp_path):
+    from kiln.trainer.config import ConfigError
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"\0" * 4)
+    with pytest.raises(ConfigError, match="the model comes from .*config.json; only model.moe.aux_loss_coef"):
+        _import(tmp_path / "hf", tmp_path / "run", "model.dim=128")
+    with pytest.raises(ConfigError, match="model.safetensors cannot be read as safetensors"):
+        _import(tmp_path / "hf", tmp_path / "run")
+    assert not (tmp_path / "run").exists()

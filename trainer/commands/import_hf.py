@@ -48,7 +48,11 @@ def read_hf_dir(d: Path):
         raise ConfigError(f"{d} holds no .safetensors weights{extra}")
     state = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own SafetensorError for a damaged file
+            raise ConfigError(f"{f} cannot be read as safetensors ({str(e).splitlines()[0][:120]}): "
+                              "re-download or re-save it") from None
     return config, state
 
 
@@ -80,6 +84,12 @@ def run(args) -> int:
         raise ConfigError(f"--out {out} exists: name a new folder (kiln import-hf never overwrites a run)")
     if not src.is_dir():
         raise ConfigError(f"{src} is not a folder: pass a local Hugging Face checkpoint folder")
+    overrides = parse_overrides(args.set)
+    model_keys = {k for k in overrides.get("model", {}) if k != "moe"} | \
+        {k for k in overrides.get("model", {}).get("moe", {}) if k not in TRAINING_ONLY}
+    if model_keys:
+        raise ConfigError(f"--set model.{sorted(model_keys)[0]}: the model comes from {src / 'config.json'}; "
+                          f"only model.moe.{'/'.join(sorted(TRAINING_ONLY))} may be set")
     config, hf_state = read_hf_dir(src)
     try:
         cfg = hf.model_config_from_hf(config)
@@ -100,12 +110,6 @@ def run(args) -> int:
         padded = f" (vocabulary {cfg.vocab_size} -> {new}: kiln's special tokens added, mean-embedding rows)"
         cfg = dataclasses.replace(cfg, vocab_size=new)
 
-    overrides = parse_overrides(args.set)
-    model_keys = {k for k in overrides.get("model", {}) if k != "moe"} | \
-        {k for k in overrides.get("model", {}).get("moe", {}) if k not in TRAINING_ONLY}
-    if model_keys:
-        raise ConfigError(f"--set model.{sorted(model_keys)[0]}: the model comes from {src / 'config.json'}; "
-                          f"only model.moe.{'/'.join(sorted(TRAINING_ONLY))} may be set")
     base = load_yaml(args.recipe) if args.recipe else {}
     values = merge(merge(base, {"model": {}}), overrides)
     moe_extra = values.get("model", {}).get("moe", {})
