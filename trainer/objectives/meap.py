@@ -6,10 +6,23 @@ compute, so the loss, the model call and flops_per_token are exactly CausalLM's.
 drawn in prepare_batch, on the whole batch before sequence-parallel sharding, from
 generator(step) (seeded by (seed, step, rank)), so SP=1 and SP=2 see identical inputs and a
 resumed run redraws the masks of the uninterrupted one.
+
+The SFT variant (`sft=True`, on prompt/response rows of kiln.data.sft whose labels cover the
+response only) masks `sft_ratio` (0.1) of the *response* input positions, and trains on the
+masked copy as an extra example: prepare_batch returns the original rows followed by their
+masked copies, with the same labels, so each example is seen clean and masked (twice the FLOPs).
 """
 import torch
 
 from kiln.trainer.objectives.clm import CausalLM
+
+
+def response_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: the input positions holding a response token that has a label itself (the
+    token at i is a response token when it was the label of i - 1; SFT rows label the response only)."""
+    resp = torch.zeros_like(labels, dtype=torch.bool)
+    resp[:, 1:] = labels[:, :-1] != -100
+    return resp & (labels != -100)
 
 
 def meap_mask(labels: torch.Tensor, ratio: float, same_positions: bool, gen: torch.Generator) -> torch.Tensor:
@@ -31,9 +44,11 @@ class MEAP(CausalLM):
     """CausalLM on inputs with `mask_ratio` of the positions replaced by `mask_id`."""
 
     def __init__(self, model, mask_id: int, mask_ratio: float = 0.15, same_positions: bool = False,
-                 z_loss: float = 0.0, loss_group=None, seed: int = 0, rank: int = 0):
+                 z_loss: float = 0.0, loss_group=None, seed: int = 0, rank: int = 0, sft: bool = False,
+                 sft_ratio: float = 0.1):
         super().__init__(model, z_loss=z_loss, loss_group=loss_group, seed=seed, rank=rank)
         self.mask_id, self.mask_ratio, self.same_positions = mask_id, mask_ratio, same_positions
+        self.sft, self.sft_ratio = sft, sft_ratio
         self.mask_rate = 0.0  # realised fraction of the last prepared batch (logged by loss)
 
     @classmethod
@@ -47,10 +62,24 @@ class MEAP(CausalLM):
     def prepare_batch(self, batch: dict, step: int) -> dict:
         """The batch with masked inputs; labels, positions and document ids untouched."""
         labels = batch["labels"]
+        if self.sft:
+            return self.prepare_sft(batch, step)
         mask = meap_mask(labels, self.mask_ratio, self.same_positions, self.generator(step))
         eligible = int((labels != -100).sum())
         self.mask_rate = float(mask.sum()) / max(eligible, 1)
         return {**batch, "input_ids": batch["input_ids"].masked_fill(mask, self.mask_id)}
+
+    def prepare_sft(self, batch: dict, step: int) -> dict:
+        """The rows, then their copies with sft_ratio of the response inputs masked (labels kept)."""
+        resp = response_positions(batch["labels"])
+        mask = meap_mask(batch["labels"], self.sft_ratio, self.same_positions, self.generator(step)) & resp
+        self.mask_rate = float(mask.sum()) / max(int(resp.sum()), 1)
+        copy = {**batch, "input_ids": batch["input_ids"].masked_fill(mask, self.mask_id)}
+        return {k: torch.cat([batch[k], copy[k]]) for k in batch}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """CausalLM's; twice that for SFT, whose every example also trains as its masked copy."""
+        return super().flops_per_token(seq_len) * (2 if self.sft else 1)
 
     def loss(self, input_ids, labels, position_ids=None, doc_ids=None):
         loss, metrics = super().loss(input_ids, labels, position_ids=position_ids, doc_ids=doc_ids)
