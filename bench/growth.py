@@ -46,8 +46,9 @@ def run(home: Path, name: str, seed: int, args, growth: dict | None) -> list[dic
                          cwd=ROOT, capture_output=True, text=True, env=env)
     if res.returncode:
         sys.exit(f"{name} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-    lines = (home / "runs" / name / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
+    from kiln.trainer.metrics import read_metrics
+
+    return [r for r in read_metrics(home / "runs" / name / "metrics.jsonl") if "train/loss" in r]
 
 
 def smooth(values: list[float], k: int) -> list[float]:
@@ -60,7 +61,7 @@ def smooth(values: list[float], k: int) -> list[float]:
 
 def to_reach(recs: list[dict], target: float, key: str, k: int) -> float | None:
     """`key` (tokens or flops) at the first step whose smoothed loss is <= target, or None."""
-    for r, s in zip(recs, smooth([r["loss"] for r in recs], k)):
+    for r, s in zip(recs, smooth([r["train/loss"] for r in recs], k)):
         if s <= target:
             return r[key]
     return None
@@ -110,7 +111,7 @@ def main():
             out = []
             for seed, recs in enumerate(results[name]):
                 scratch = results["scratch"][seed]
-                target = smooth([r["loss"] for r in scratch], k)[-1]
+                target = smooth([r["train/loss"] for r in scratch], k)[-1]
                 got = to_reach(recs, target, key, k)
                 out.append(float("inf") if got is None else got / scratch[-1][key])
             return out
@@ -124,7 +125,7 @@ def main():
     print(f"{'config':<14}{'tokens to scratch loss':>24}{'FLOPs to scratch loss':>24}{'final loss':>16}")
     for name, runs in results.items():
         t, f = ratios(name, "tokens"), ratios(name, "flops")
-        final = [smooth([r["loss"] for r in recs], k)[-1] for recs in runs]
+        final = [smooth([r["train/loss"] for r in recs], k)[-1] for recs in runs]
 
         def ms(v):
             return (f"{statistics.mean(v):.3f} +- {statistics.pstdev(v):.3f}" if all(x != float("inf") for x in v)
@@ -136,7 +137,7 @@ def main():
         curves = {}
         for name, runs in results.items():
             n = min(len(r) for r in runs)
-            mean = [statistics.mean(smooth([r["loss"] for r in recs], k)[i] for recs in runs) for i in range(n)]
+            mean = [statistics.mean(smooth([r["train/loss"] for r in recs], k)[i] for recs in runs) for i in range(n)]
             curves[name] = [(runs[0][i]["tokens"], mean[i]) for i in range(n)]
         Path(args.plot).write_text(svg(curves))
         print(f"plot: {args.plot}")

@@ -202,13 +202,13 @@ def main():
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold.name
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from kiln.model import ModelConfig, flops_per_token
-    from kiln.trainer.monitor import measure_cpu_peak
+    from kiln.trainer.monitor import measure_peak
 
     threads = torch.get_num_threads()
     cfg = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
                       n_kv_heads=args.kv_heads)
     batches = synthetic_batches(args.steps + 3, args.batch, args.seq, args.vocab)
-    peak = measure_cpu_peak(threads)
+    peak = measure_peak(torch.device("cpu"), threads)
     tokens = args.batch * args.seq
     flops = flops_per_token(cfg, args.seq) * tokens
 

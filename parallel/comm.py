@@ -23,6 +23,7 @@ class CommStats:
         """Zero every counter."""
         self._bytes = defaultdict(int)
         self._messages = defaultdict(int)
+        self.wait_s = 0.0  # host time blocked in Exchange.wait (exposed communication)
 
     def record(self, phase: str, direction: str, nbytes: int) -> None:
         """Count one message of `nbytes` sent in `phase` towards `direction`."""
@@ -32,9 +33,10 @@ class CommStats:
         self._messages[phase, direction] += 1
 
     def snapshot(self) -> dict:
-        """{"fwd": {"forward": bytes, "backward": bytes}, "bwd": {...}, "messages": {...}}."""
+        """{"fwd": {"forward": bytes, "backward": bytes}, "bwd": {...}, "messages": {...}, "wait_s": s}."""
         snap = {p: {d: self._bytes[p, d] for d in DIRECTIONS} for p in PHASES}
         snap["messages"] = {p: {d: self._messages[p, d] for d in DIRECTIONS} for p in PHASES}
+        snap["wait_s"] = self.wait_s
         return snap
 
 

@@ -4,6 +4,7 @@ causal block schedule, the log-sum-exp merge of partial outputs, and one step of
 Both algorithms expect q/k/v (and doc ids) in zigzag layout (parallel/zigzag.py): local rows
 [0, c) are global chunk r and rows [c, 2c) global chunk 2N-1-r, with c = S_local / 2.
 """
+import time
 from dataclasses import dataclass
 
 import torch
@@ -213,7 +214,10 @@ class Exchange:
             self.works = dist.batch_isend_irecv(self.ops)
 
     def wait(self) -> None:
-        """Block until every op of this step is done."""
+        """Block until every op of this step is done (the time blocked is counted: on gloo the
+        communication the block compute did not hide; NCCL's wait only orders the streams)."""
+        t = time.perf_counter()
         for w in self.works:
             w.wait()
+        COMM_STATS.wait_s += time.perf_counter() - t
         self.ops, self.works = [], []

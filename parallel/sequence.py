@@ -88,4 +88,5 @@ def comm_metrics(steps: int) -> dict:
     for phase in ("fwd", "bwd"):
         for direction, nbytes in snap[phase].items():
             out[f"sp/{phase}_{direction}_bytes_per_step"] = nbytes / max(steps, 1)
+    out["sp/comm_wait_s_per_step"] = snap["wait_s"] / max(steps, 1)
     return out

@@ -19,10 +19,42 @@ def tokens_per_step(recipe, world: int) -> int:
     return t.tokens_per_step or t.micro_batch * t.grad_accum * (world // p.sp) * (1 << recipe.data.buckets[1])
 
 
+def derive_grad_accum(recipe, world: int) -> int | None:
+    """train.grad_accum from train.global_batch_tokens / global_batch at `world` ranks (None when
+    neither is set); ValueError (one line) when the numbers do not divide."""
+    t, d = recipe.train, recipe.data
+    if not (t.global_batch_tokens or t.global_batch):
+        return None
+    if t.global_batch_tokens and t.global_batch:
+        raise ValueError("set one of train.global_batch_tokens and train.global_batch (tokens or sequences), "
+                         "not both")
+    if d.packing == "decompose":
+        raise ValueError("train.global_batch_tokens / global_batch apply to concat packing; with data.packing="
+                         "decompose set train.tokens_per_step (it does not depend on the rank count either)")
+    knob = "global_batch_tokens" if t.global_batch_tokens else "global_batch"
+    if t.global_batch_tokens % d.seq_len:
+        raise ValueError(f"train.global_batch_tokens={t.global_batch_tokens} is not a whole number of "
+                         f"data.seq_len={d.seq_len} sequences: use a multiple of {d.seq_len}")
+    seqs = t.global_batch or t.global_batch_tokens // d.seq_len
+    dp = world // recipe.parallel.sp
+    per = t.micro_batch * dp
+    if seqs % per:
+        lo, hi = max(per, seqs // per * per), (seqs // per + 1) * per
+        unit = d.seq_len if t.global_batch_tokens else 1
+        raise ValueError(f"train.{knob}={getattr(t, knob)} ({seqs} sequences) does not split into micro-steps of "
+                         f"train.micro_batch={t.micro_batch} x {dp} data-parallel ranks = {per} sequences: use "
+                         f"{lo * unit} or {hi * unit}, or change train.micro_batch")
+    if t.grad_accum not in (1, seqs // per):  # 1: unset; the derived value: a rank that applied it
+        raise ValueError(f"train.grad_accum={t.grad_accum} is derived from train.{knob}: remove train.grad_accum")
+    return seqs // per
+
+
 def check_recipe(recipe, world: int | None = None) -> None:
-    """ValueError (one line) for a recipe whose decomposition settings cannot run."""
+    """ValueError (one line) for a recipe whose batch settings cannot run at `world` ranks (default:
+    train.nproc on each of slurm.nodes nodes)."""
     t, p, d = recipe.train, recipe.parallel, recipe.data
-    world = world or t.nproc
+    world = world or t.nproc * recipe.slurm.nodes
+    derive_grad_accum(recipe, world)
     if d.packing != "decompose":
         if p.sp_min_len:
             raise ValueError("parallel.sp_min_len applies to data.packing=decompose: remove it or "

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from kiln.infer.evaluate import batch_losses
-from kiln.trainer.monitor import fmt_eta, memory_gb
+from kiln.trainer.monitor import fmt_eta, window_peak_gb
 
 
 def due(every: int, done: int, end: int) -> bool:
@@ -99,17 +99,20 @@ def log_train(stage, hooks, w: Window, eta: float) -> None:
     gnorm = float("nan") if gnorm is None else float(gnorm)
     lr = engine.get_lr()[0]
     total = max(w.data + w.fwd_bwd + w.optim, 1e-9)
-    rec = {"step": stage.progress.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": stage.progress.tokens,
-           "flops": stage.progress.flops,
-           "tokens_per_s": tok_s, "mfu": w.flops / w.tokens * tok_s / run.peak_flops, "mem_gb": memory_gb(run.device),
-           "time/step_s": elapsed / n, "time/data_s": w.data / n,
-           "time/fwd_bwd_s": w.fwd_bwd / n, "time/optim_s": w.optim / n}
+    world = dist.get_world_size()
+    rec = {"step": stage.progress.step, "train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm,
+           "train/tokens": stage.progress.tokens, "train/flops": stage.progress.flops,
+           "perf/tokens_per_s": tok_s, "perf/tokens_per_s_per_device": tok_s / world,
+           "perf/mfu_pct": 100 * w.flops / w.tokens * tok_s / (run.peak_flops * world),
+           "perf/peak_tflops_per_device": run.peak_flops / 1e12, "perf/mem_peak_gb": window_peak_gb(run.device),
+           "perf/step_s": elapsed / n, "perf/data_s": w.data / n, "perf/fwd_bwd_s": w.fwd_bwd / n,
+           "perf/optim_s": w.optim / n}
     rec.update({f"objective/{k}": mean_across_ranks(v / n, run.device) for k, v in sorted(w.objective.items())})
     rec.update(hooks.metrics(stage, n))
     line = (f"step {rec['step']:>6}/{stage.recipe.train.steps} | loss {loss:.4f} | lr {lr:.2e} | "
-            f"gnorm {gnorm:.2f} | {tok_s:,.0f} tok/s | MFU {100 * rec['mfu']:.1f}% | data/fb/opt "
+            f"gnorm {gnorm:.2f} | {tok_s:,.0f} tok/s | MFU {rec['perf/mfu_pct']:.1f}% | data/fb/opt "
             f"{100 * w.data / total:.0f}/{100 * w.fwd_bwd / total:.0f}/{100 * w.optim / total:.0f}% | "
-            f"mem {rec['mem_gb']:.2f}G | ETA {fmt_eta(eta)}")
+            f"mem {rec['perf/mem_peak_gb']:.2f}G | ETA {fmt_eta(eta)}")
     run.monitor.log(rec, line + hooks.console(rec))
 
 
@@ -124,6 +127,6 @@ def evaluate(stage, hooks, step: int) -> float:
     hooks.eval_end(stage)
     loss = mean_across_ranks(total / max(n, 1), stage.run.device)
     ppl = float(torch.tensor(loss).exp())
-    stage.run.monitor.log({"step": step, "eval/loss": loss, "eval/ppl": ppl},
+    stage.run.monitor.log({"step": step, "train/tokens": stage.progress.tokens, "eval/loss": loss, "eval/ppl": ppl},
                           f"step {step:>6} | eval loss {loss:.4f} | ppl {ppl:.2f}")
     return loss

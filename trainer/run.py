@@ -24,11 +24,12 @@ from kiln.data.prepare import Prepared
 from kiln.model import count_params
 from kiln.parallel.mesh import Mesh, build_mesh
 from kiln.trainer import checkpoint
+from kiln.trainer.batches import derive_grad_accum
 from kiln.trainer.config import to_dict
 from kiln.trainer.growth import start_weights
 from kiln.trainer.launch import init_distributed, pick_device
 from kiln.trainer.loop import train_stage
-from kiln.trainer.monitor import Monitor, peak_flops
+from kiln.trainer.monitor import Monitor, peak
 from kiln.trainer.stage import Stage
 from kiln.trainer.stages import stage_specs
 
@@ -45,7 +46,7 @@ class Run:
     threads: int
     bf16: bool
     resume: bool
-    peak_flops: float = 0.0  # all ranks together, for MFU
+    peak_flops: float = 0.0  # of one rank, in the precision in use, for MFU
     monitor: Monitor | None = None
 
     @classmethod
@@ -58,6 +59,13 @@ class Run:
         threads = recipe.train.threads or max(1, (os.cpu_count() or 1) // local_world)
         torch.set_num_threads(threads)
         kernels.configure(recipe.kernels)
+        accum = derive_grad_accum(recipe, dist.get_world_size())
+        if accum is not None:
+            recipe.train.grad_accum = accum
+            if dist.get_rank() == 0:
+                print(f"kiln: train.grad_accum={accum} (the global batch over micro_batch "
+                      f"{recipe.train.micro_batch} x {dist.get_world_size() // recipe.parallel.sp} data-parallel ranks)",
+                      flush=True)
         p = recipe.train.precision
         bf16 = p == "bf16" or (p == "auto" and device.type == "cuda")
         return cls(recipe=recipe, run_dir=Path(run_dir), device=device, mesh=mesh, data=Prepared.load(data_dir),
@@ -76,9 +84,15 @@ class Run:
     def open_monitor(self, start_step: int) -> None:
         """The metrics file and W&B run, continued from `start_step` on resume (rank 0 writes)."""
         if self.monitor is None:
-            self.peak_flops = peak_flops(self.device, self.threads, self.recipe.data.cache_dir) * dist.get_world_size()
+            dtype = "bf16" if self.bf16 else "fp32"
+            self.peak_flops, source = peak(self.device, self.threads, self.recipe.data.cache_dir, dtype)
+            if self.rank0:
+                print(f"kiln: MFU is measured against {self.peak_flops / 1e12:.3g} TFLOP/s per rank ({source})",
+                      flush=True)
+            saved = (checkpoint.saved_state(self.run_dir) or {}) if self.resume and start_step else {}
             self.monitor = Monitor(self.run_dir, self.recipe, to_dict(self.recipe), self.recipe.train.steps,
-                                   enabled=self.rank0, resume_step=start_step)
+                                   enabled=self.rank0, resume_step=start_step,
+                                   checkpoint_state=saved.get("monitor", {}).get("wandb"))
 
     def announce(self, stage: Stage, start: int) -> None:
         """One line: the model, the world and the steps ahead."""

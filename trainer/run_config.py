@@ -15,6 +15,12 @@ class TrainConfig:
         "help": "data.packing=decompose: tokens per optimizer step, constant (a step of bucket 2^k has "
                 "tokens_per_step / 2^k rows); 0 = micro_batch x grad_accum x data-parallel ranks x 2^max",
         "min": 0})
+    global_batch_tokens: int = field(default=0, metadata={
+        "help": "tokens per optimizer step over all ranks (concat packing): kiln derives train.grad_accum "
+                "= this / (micro_batch x data-parallel ranks x data.seq_len), so another rank count keeps "
+                "the optimisation; 0 = micro_batch x grad_accum x ranks", "min": 0})
+    global_batch: int = field(default=0, metadata={
+        "help": "the same as train.global_batch_tokens, in sequences of data.seq_len; 0 = unset", "min": 0})
     nproc: int = field(default=2, metadata={"help": "local ranks started by `kiln train`", "min": 1})
     seed: int = field(default=1234, metadata={"help": "seed for init, data order and sampling"})
     log_every: int = field(default=10, metadata={"help": "console/metrics interval in steps", "min": 1})
@@ -68,6 +74,7 @@ class WandbConfig:
     project: str = field(default="kiln", metadata={"help": "W&B project"})
     entity: str = field(default="", metadata={"help": "W&B entity (empty = default)"})
     group: str = field(default="", metadata={"help": "W&B group (kiln submit --sweep sets the sweep's name)"})
+    tags: list[str] = field(default_factory=list, metadata={"help": "W&B tags of the run, e.g. [baseline, moe]"})
 
 
 @dataclass

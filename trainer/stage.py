@@ -94,7 +94,7 @@ class Stage:
 
     def parts(self) -> dict:
         """What a checkpoint of this stage holds beside the engine (kiln.trainer.checkpoint)."""
-        return {"progress": self.progress, **self.hooks.parts()}
+        return {"progress": self.progress, "monitor": self.run.monitor, **self.hooks.parts()}
 
     def resume(self) -> int:
         """Restore the newest checkpoint (if any and the run resumes) or, for a grown stage, carry

@@ -154,8 +154,8 @@ def peak_mib(fn, device) -> float | None:
 def gemm_peak_flops(device) -> float:
     """Measured dense peak: bf16 8192^3 GEMMs on a GPU (median of 10 after 3), fp32 on CPU."""
     if torch.device(device).type != "cuda":
-        from kiln.trainer.monitor import measure_cpu_peak
-        return measure_cpu_peak(torch.get_num_threads(), n=256)
+        from kiln.trainer.monitor import measure_peak
+        return measure_peak(torch.device("cpu"), torch.get_num_threads(), n=256)
     n = 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)

@@ -5,7 +5,6 @@ a short run; figures from the run's own metrics.jsonl: tokens/s (median over the
 after the first, which holds the compile), MFU against the GEMM peak measured here, peak memory,
 and the loss falling. Then LlamaForCausalLM of the same shape (bench/throughput.py's loop).
 """
-import json
 import os
 import signal
 import statistics
@@ -67,17 +66,21 @@ def kiln_train(name, recipe, sets, work: Path, timeout_s: float, env) -> tuple[d
 
 def summarize(path: Path) -> dict:
     """Figures from a run's metrics.jsonl (empty-handed when the run logged nothing)."""
-    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-    win = [r for r in recs if "tokens_per_s" in r]
+    from kiln.trainer.metrics import read_metrics
+
+    recs = read_metrics(path) if path.exists() else []
+    win = [r for r in recs if "perf/tokens_per_s" in r]
     if not win:
         return {"steps": 0}
     steady = win[1:] or win
     last = win[-1]
-    return {"steps": last["step"], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
-            "flops_per_token": last["flops"] / last["tokens"], "mem_gb": max(r["mem_gb"] for r in win),
-            "loss_first": win[0]["loss"], "loss_last": last["loss"], "loss_falling": last["loss"] < win[0]["loss"],
-            "mfu_logged": statistics.median(r["mfu"] for r in steady),
-            "step_s": statistics.median(r["time/step_s"] for r in steady)}
+    return {"steps": last["step"], "tokens_per_s": statistics.median(r["perf/tokens_per_s"] for r in steady),
+            "flops_per_token": last["train/flops"] / last["train/tokens"],
+            "mem_gb": max(r["perf/mem_peak_gb"] for r in win),
+            "loss_first": win[0]["train/loss"], "loss_last": last["train/loss"],
+            "loss_falling": last["train/loss"] < win[0]["train/loss"],
+            "mfu_logged": statistics.median(r["perf/mfu_pct"] for r in steady) / 100,
+            "step_s": statistics.median(r["perf/step_s"] for r in steady)}
 
 
 def hf_loop(recipe: str, sets: dict, dev, steps: int) -> dict:

@@ -22,12 +22,12 @@ def test_grow_then_continue_and_resume_around_the_transition(small_recipe, tmp_p
     assert "growth (stack) at step 4" in res.stdout and "stage 2 of 2" in res.stdout
     run = tmp_path / "runs" / "g"
     recs = metrics(run)
-    train = [r for r in recs if "loss" in r]
+    train = [r for r in recs if "train/loss" in r]
     assert [r["step"] for r in train] == list(range(1, 9))
     assert [r["growth/stage"] for r in train] == [0] * 4 + [1] * 4
-    assert all(r["tokens"] == r["step"] * T for r in train)  # tokens count across the stages
-    assert train[4]["flops"] > train[3]["flops"] and all(a["flops"] < b["flops"] for a, b in zip(train, train[1:]))
-    lr = {r["step"]: r["lr"] for r in train}
+    assert all(r["train/tokens"] == r["step"] * T for r in train)  # tokens count across the stages
+    assert train[4]["train/flops"] > train[3]["train/flops"] and all(a["train/flops"] < b["train/flops"] for a, b in zip(train, train[1:]))
+    lr = {r["step"]: r["train/lr"] for r in train}
     assert (lr[5], lr[6]) == (lr[1], lr[2])  # a fresh schedule with its own warmup
     event = next(r for r in recs if "growth/event" in r)
     assert event["step"] == 4 and event["growth/event"] == "grow:stack"
@@ -130,8 +130,8 @@ def test_kiln_grow_writes_a_run_that_kiln_train_continues_as_the_large_model(sma
     assert all(torch.equal(grown[f"layers.{i}.attn.wqkv.weight"], small[f"layers.{i % 2}.attn.wqkv.weight"])
                for i in range(4))
     res = kiln("train", out / "recipe.yaml", "--set", "train.steps=5")
-    recs = [r for r in metrics(out) if "loss" in r]
-    assert [r["step"] for r in recs] == [4, 5] and recs[0]["tokens"] == 4 * T  # continues, fresh optimizer
+    recs = [r for r in metrics(out) if "train/loss" in r]
+    assert [r["step"] for r in recs] == [4, 5] and recs[0]["train/tokens"] == 4 * T  # continues, fresh optimizer
     assert "kiln: checkpoint" in res.stdout
     again = kiln("grow", tmp_path / "runs" / "s", "--out", out, check=False)  # never overwrites a run
     assert again.returncode == 2 and "exists" in again.stderr
@@ -146,8 +146,8 @@ def test_growth_beside_experts_decomposition_and_tokenring(small_recipe, tmp_pat
     sets = [*GROW, "--set", "train.steps=6", "--set", "checkpoint.every=0", "--set", "train.name=m"]
     kiln("train", small_recipe, *sets, *[a for s in extra for a in ("--set", s)])
     recs = metrics(tmp_path / "runs" / "m")
-    train = [r for r in recs if "loss" in r]
+    train = [r for r in recs if "train/loss" in r]
     assert [r["growth/stage"] for r in train] == [0] * 3 + [1] * 3
     assert any(r.get("growth/event") == "grow:stack" for r in recs)
-    assert all(r["loss"] == r["loss"] and r["loss"] < 7 for r in train)  # finite, near ln(512) or below
-    assert abs(train[3]["loss"] - train[2]["loss"]) < 0.3  # the grown model starts near the small one
+    assert all(r["train/loss"] == r["train/loss"] and r["train/loss"] < 7 for r in train)  # finite, near ln(512) or below
+    assert abs(train[3]["train/loss"] - train[2]["train/loss"]) < 0.3  # the grown model starts near the small one

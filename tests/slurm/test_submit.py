@@ -103,7 +103,7 @@ def test_a_signalled_two_node_job_checkpoints_requeues_and_finishes_on_the_same_
     assert "kiln: preemption at step" in log and json.loads((run_dir / "slurm" / "requeues.json").read_text()) == \
         {"preemption": 1}
     assert losses(run_dir) == losses(reference[0])  # bitwise: same world size, CPU
-    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in metrics(run_dir) if "train/loss" in r] == list(range(1, STEPS + 1))
     print(f"\nslurm: stop + checkpoint + requeue {t_requeued - t_signal:.1f} s after the signal, running again "
           f"{t_running - t_requeued:.1f} s later; whole preempted job {time.time() - t0:.1f} s")
 

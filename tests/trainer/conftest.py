@@ -49,8 +49,26 @@ def kiln(*args, check=True, timeout=300, **popen):
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    """The run's metrics records, each validated against the checked-in schema
+    (trainer/metrics.schema.json): every training test checks every record it reads."""
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    for r in recs:
+        _VALIDATOR.validate(r)
+    return recs
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+    return {r["step"]: r["train/loss"] for r in metrics(run_dir) if "train/loss" in r}
+
+
+def _validator():
+    import jsonschema
+
+    from kiln.trainer.metrics import SCHEMA_PATH
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+_VALIDATOR = _validator()

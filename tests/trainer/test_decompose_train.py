@@ -27,11 +27,11 @@ def test_decompose_run_constant_tokens_metrics_and_exact_resume(small_recipe, tm
         assert r["data/batch_size"] * r["data/seq_len"] == T  # constant tokens, variable batch
         assert r["data/attn_flops"] > 0 and r["data/sp"] is False
     assert len({r["data/bucket"] for r in steps}) > 1
-    train = [r for r in recs if "loss" in r]
+    train = [r for r in recs if "train/loss" in r]
     for r in train:  # tokens = step x tokens_per_step, and the schedule's progress is tokens / budget
-        assert r["tokens"] == r["step"] * T
+        assert r["train/tokens"] == r["step"] * T
         want = 0.003 * lr_lambda(r["step"], 2, 8, "cosine", 0.1)
-        assert abs(r["lr"] - want) < 1e-12, (r["step"], r["lr"], want)
+        assert abs(r["train/lr"] - want) < 1e-12, (r["step"], r["train/lr"], want)
     assert any(k.startswith("data/tokens_per_s_b") for r in recs for k in r)
     assert any("eval/loss" in r for r in recs)
     ref = losses(run)
@@ -51,7 +51,7 @@ def test_long_buckets_sequence_parallel_follow_the_single_rank_run(small_recipe,
     kiln("train", small_recipe, *DECOMPOSE, "--set", "parallel.sp=2", "--set", "parallel.sp_min_len=128",
          "--set", "train.name=sp")
     recs = metrics(tmp_path / "runs" / "sp")
-    got = {r["step"]: r["loss"] for r in recs if "loss" in r}
+    got = {r["step"]: r["train/loss"] for r in recs if "train/loss" in r}
     assert sorted(got) == sorted(ref)
     for step in ref:  # fp32 over 8 optimizer steps
         assert abs(got[step] - ref[step]) < 1e-4 * ref[step], (step, got[step], ref[step])

@@ -15,7 +15,7 @@ MEAP = ["--set", "objective.name=meap", "--set", "objective.meap.mask_ratio=0.2"
 def test_meap_run_with_needles_logs_its_mask_rate_and_is_scored_on_kv_retrieval(small_recipe, tmp_path):
     kiln("train", small_recipe, *MEAP, "--set", "data.synthetic_needles=0.2", "--set", "train.name=meap")
     run = tmp_path / "runs" / "meap"
-    train = [r for r in metrics(run) if "loss" in r]
+    train = [r for r in metrics(run) if "train/loss" in r]
     assert len(train) == 6
     for r in train:  # 2 ranks x 4 x 64 positions per step: the mean is 0.2 +- 0.02 (1 sd)
         assert abs(r["objective/mask_rate"] - 0.2) < 0.1, r
@@ -38,5 +38,5 @@ def test_meap_sequence_parallel_run_follows_the_single_rank_run(small_recipe, tm
     assert sorted(got) == sorted(ref)
     for step in ref:  # the tolerance of the CLM test (tests/trainer/test_train.py)
         assert abs(got[step] - ref[step]) < 1e-4 * ref[step], (step, got[step], ref[step])
-    rates = [[r["objective/mask_rate"] for r in metrics(tmp_path / "runs" / n) if "loss" in r] for n in ("sp1", "sp2")]
+    rates = [[r["objective/mask_rate"] for r in metrics(tmp_path / "runs" / n) if "train/loss" in r] for n in ("sp1", "sp2")]
     assert rates[0] == rates[1]

@@ -50,7 +50,7 @@ def run_losses(name: str, home: Path) -> dict:
             f"train.name={name}"]
     kiln("train", ROOT / recipe, *[a for s in sets for a in ("--set", s)], timeout=600)
     recs = metrics(home / "runs" / name)
-    train = [r["loss"] for r in recs if "loss" in r]
+    train = [r["train/loss"] for r in recs if "train/loss" in r]
     ev = [r["eval/loss"] for r in recs if "eval/loss" in r]
     return {"train": train, "eval": ev[-1]}
 

@@ -43,15 +43,15 @@ def progress_line(run_dir: Path) -> str:
     import yaml
 
     from kiln.trainer.monitor import fmt_eta
-    from kiln.trainer.report import read_metrics
+    from kiln.trainer.metrics import read_metrics
 
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").is_file() else {}
     steps = recipe.get("train", {}).get("steps", 0)
     path = run_dir / recipe.get("logging", {}).get("metrics_file", "metrics.jsonl")
-    train = [r for r in read_metrics(path) if "loss" in r] if path.is_file() else []
+    train = [r for r in read_metrics(path) if "train/loss" in r] if path.is_file() else []
     if not train:
         return f"{run_dir.name}: no steps logged yet"
     last = train[-1]
-    eta = (steps - last["step"]) * last.get("time/step_s", 0.0)
-    done = "done" if last["step"] >= steps else f"ETA {fmt_eta(eta)} at {last.get('time/step_s', 0):.3f} s/step"
-    return f"{run_dir.name}: step {last['step']}/{steps}, loss {last['loss']:.4f}, {done}"
+    eta = (steps - last["step"]) * last.get("perf/step_s", 0.0)
+    done = "done" if last["step"] >= steps else f"ETA {fmt_eta(eta)} at {last.get('perf/step_s', 0):.3f} s/step"
+    return f"{run_dir.name}: step {last['step']}/{steps}, loss {last['train/loss']:.4f}, {done}"

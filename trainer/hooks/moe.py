@@ -124,8 +124,8 @@ class MoEHook(Hook):
                     print(f"kiln: routing profile {path}", flush=True)
                     if monitor.wandb is not None:
                         try:
-                            monitor.wandb.log(wandb_heatmaps(prof), step=step)
-                        except Exception as e:  # a logging problem must not stop training
+                            monitor.log_wandb(wandb_heatmaps(prof), step)
+                        except Exception as e:  # building the images must not stop training either
                             print(f"kiln: W&B routing heatmaps not logged ({type(e).__name__}: {e})")
         if self.ep == 1 or p.placement != "auto":
             return
@@ -167,6 +167,8 @@ class MoEHook(Hook):
         if prof is not None:
             routed = self.routed_under if self.routed_under is not None else self.placement
             out.update(placement_quality(prof, routed, self.ep))
+            load = prof.load / np.maximum(prof.load.sum(1, keepdims=True), 1)
+            out["moe/expert_load"] = np.round(load, 5).tolist()  # layers x experts: the heatmap
         self.routed_under = None
         a2a = A2A_STATS.snapshot()
         aux = sum(float(b.aux_loss.detach()) for b in self.blocks if b.aux_loss is not None)
