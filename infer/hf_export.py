@@ -8,6 +8,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
 from kiln.data.tokenizer import EOT, MASK, PAD
 from kiln.model import hf
 
@@ -57,8 +59,24 @@ def write_tokenizer(tok, out: Path, max_len: int) -> None:
     cfg_path.write_text(json.dumps(tc, indent=2) + "\n")
 
 
-def write_hf(model, tok, out: Path, max_positions: int) -> dict:
-    """Write `model` (a kiln Transformer) and its tokenizer as an HF checkpoint in `out`.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def rounded(model, dtype: str):
+    """`model` itself for float32; else an fp32 copy whose weights are rounded to `dtype`: the
+    function a `dtype` export computes, for the parity gate to compare against."""
+    if dtype == "float32":
+        return model
+    from kiln.model import Transformer
+
+    copy = Transformer(model.cfg)
+    copy.load_state_dict({k: v.detach().to(DTYPES[dtype]).float() for k, v in model.state_dict().items()})
+    return copy.eval()
+
+
+def write_hf(model, tok, out: Path, max_positions: int, dtype: str = "float32") -> dict:
+    """Write `model` (a kiln Transformer) and its tokenizer as an HF checkpoint in `out`, its
+    weights in `dtype` (float32 or bfloat16).
 
     Returns what was written: the architecture, files and parameter count. Raises
     kiln.model.hf.Unmappable before writing anything when the model has no HF counterpart.
@@ -68,18 +86,18 @@ def write_hf(model, tok, out: Path, max_positions: int) -> dict:
     cfg = model.cfg
     eos, pad = tok.token_to_id(EOT), tok.token_to_id(PAD)
     config = hf.hf_config(cfg, max_positions, eos, pad)  # refuses an unmappable model first
-    state = hf.to_hf_state({k: v.detach().float() for k, v in model.state_dict().items()}, cfg)
+    state = hf.to_hf_state({k: v.detach().float().to(DTYPES[dtype]) for k, v in model.state_dict().items()}, cfg)
     out.mkdir(parents=True, exist_ok=True)
     files = _save_shards(state, out)
     config.save_pretrained(str(out))
     # readers on transformers 4.x (and vLLM on them) take rope_theta at the top level, and their
     # dtype from torch_dtype; without these they would use theta 10000 and guess the dtype
     c = json.loads((out / "config.json").read_text())
-    c.update(rope_theta=float(cfg.rope_theta), torch_dtype="float32")
+    c.update(rope_theta=float(cfg.rope_theta), torch_dtype=dtype, dtype=dtype)
     (out / "config.json").write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
     GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=pad).save_pretrained(str(out))
     write_tokenizer(tok, out, max_positions)
-    return {"architecture": config.architectures[0], "files": files,
+    return {"architecture": config.architectures[0], "files": files, "dtype": dtype,
             "params": sum(t.numel() for t in state.values())}
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from kiln.data.tokenizer import train_tokenizer
 from kiln.infer import hf_gate
-from kiln.infer.hf_export import read_fp32, write_fp32, write_hf
+from kiln.infer.hf_export import read_fp32, rounded, write_fp32, write_hf
 from kiln.model import ModelConfig, MoEConfig, Transformer
 from kiln.model import hf
 
@@ -152,3 +152,16 @@ def test_fp32_file_rebuilds_the_model(tmp_path):
     assert back.cfg == model.cfg
     want = model.state_dict()
     assert back.state_dict().keys() == want.keys() and all(torch.equal(back.state_dict()[k], want[k]) for k in want)
+
+
+def test_bfloat16_export_matches_the_rounded_model(tok, tmp_path):
+    """A bf16 export computes kiln's model with bf16-rounded weights: the gate compares against that
+    (and would name the rounding as differing tensors against the fp32 model)."""
+    model = _model(MOE)
+    write_hf(model, tok, tmp_path / "hf", 128, "bfloat16")
+    assert load_file(str(tmp_path / "hf" / "model.safetensors"))["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    r = hf_gate.run_gate(rounded(model, "bfloat16"), tmp_path / "hf", tok, _texts_to_check())
+    assert r.ok, r.line()
+    r = hf_gate.run_gate(model, tmp_path / "hf", tok, _texts_to_check())
+    assert not r.ok and "tensors differ after loading in transformers" in r.line()

@@ -90,6 +90,29 @@ def test_import_then_train_then_export_round_trip(trained, hf_export):
 
 
 @pytest.mark.slow
+def test_expert_parallel_moe_exports_as_mixtral(trained):
+    """An MoE run with its experts sharded over 2 expert-parallel ranks: the export reads every
+    expert from kiln's expert files, the gate checks them, and each one on disk is the saved row."""
+    from kiln.parallel.expert_state import read_full_experts
+
+    recipe, _, work = trained
+    kiln("train", recipe, "--set", "model.mlp=moe", "--set", "model.moe.num_experts=4", "--set", "parallel.ep=2",
+         "--set", "train.name=moe", timeout=600)
+    run = work / "runs" / "moe"
+    res = kiln("export", run, "--out", work / "hf_moe")
+    assert "as MixtralForCausalLM" in res.stdout
+    assert "parity gate passed: MixtralForCausalLM" in res.stdout and "8 experts' checksums" in res.stdout
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    saved = read_full_experts(run / "checkpoints" / tag)
+    disk = load_file(str(work / "hf_moe" / "model.safetensors"))
+    for layer in range(2):
+        for e in range(4):
+            for w in ("w1", "w3", "w2"):
+                assert torch.equal(disk[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"],
+                                   saved[w][layer][e].float())
+
+
+@pytest.mark.slow
 def test_user_errors_are_one_line(trained, hf_export, tmp_path):
     _, run, work = trained
     out, _ = hf_export

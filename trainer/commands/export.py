@@ -22,6 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("ckpt", help="a run directory (its newest checkpoint) or a checkpoint directory")
     p.add_argument("--format", default="hf", choices=["hf", "fp32"], help="hf (default) or fp32")
     p.add_argument("--out", required=True, help="the folder to write (new, or empty)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="hf: the weights' dtype (default float32; the gate then compares kiln's model "
+                        "with its weights rounded the same way)")
 
 
 def check_out(out: Path) -> None:
@@ -79,10 +82,12 @@ def load(ckpt):
 
 def run(args) -> int:
     """Export, check, and say what was written."""
-    from kiln.infer.hf_export import read_fp32, write_fp32, write_hf
+    from kiln.infer.hf_export import read_fp32, rounded, write_fp32, write_hf
     from kiln.model import hf
     from kiln.trainer.commands.common import open_checkpoint
 
+    if args.format == "fp32" and args.dtype != "float32":
+        raise ConfigError("--format fp32 writes float32: drop --dtype, or use --format hf --dtype bfloat16")
     out = Path(args.out)
     check_out(out)
     ckpt = open_checkpoint(args.ckpt)
@@ -110,11 +115,11 @@ def run(args) -> int:
     from kiln.infer.hf_gate import run_gate
 
     data = ckpt.data
-    written = write_hf(model, data.tokenizer(), out, ckpt.recipe.data.seq_len)
+    written = write_hf(model, data.tokenizer(), out, ckpt.recipe.data.seq_len, args.dtype)
     t1 = time.perf_counter()
     print(f"kiln export: {ckpt.tag_dir} -> {out} as {written['architecture']} ({written['params']:,} parameters, "
-          f"fp32, {', '.join(written['files'])} + config.json + tokenizer) in {t1 - t0:.1f} s")
-    report = run_gate(model, out, data.tokenizer(), gate_texts(data), seed=ckpt.recipe.train.seed)
+          f"{args.dtype}, {', '.join(written['files'])} + config.json + tokenizer) in {t1 - t0:.1f} s")
+    report = run_gate(rounded(model, args.dtype), out, data.tokenizer(), gate_texts(data), seed=ckpt.recipe.train.seed)
     print(f"  {report.line()} ({time.perf_counter() - t1:.1f} s)")
     if not report.ok:
         print(f"kiln export: the export in {out} does not compute what kiln does; it is kept for inspection")
