@@ -12,6 +12,8 @@ Only the objective's trained model (its `model.` submodule) is returned: for ELE
 discriminator alone (the generator `gen.` and the replaced-token head `rtd.` stay behind), so
 `kiln eval` and `kiln export` see the encoder; `part="gen"` or `"rtd"` reads those instead.
 The caller resolves the model config (the trainer owns recipes); this module reads weights only.
+Every file is checked against the checkpoint's manifest before DeepSpeed's files (full pickle)
+are opened (kiln.infer.checkpoint_manifest); kiln's own expert files load with weights_only=True.
 """
 from pathlib import Path
 
@@ -28,6 +30,7 @@ def checkpoint_state(tag_dir: Path, model_cfg, zero_stage: int, part: str = "mod
     from kiln.parallel.expert_state import expert_files, read_full_experts
 
     tag_dir = Path(tag_dir)
+    check_manifest(tag_dir)
     sharded_experts = bool(expert_files(tag_dir))
     if zero_stage >= 1 and not sharded_experts:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -47,9 +50,21 @@ def checkpoint_state(tag_dir: Path, model_cfg, zero_stage: int, part: str = "mod
     return state
 
 
+def check_manifest(tag_dir: Path) -> None:
+    """Refuse (one line, naming the file) a checkpoint whose files fail its manifest; one line on
+    stderr for a checkpoint without one (saved before kiln wrote manifests: nothing to check)."""
+    import sys
+
+    from kiln.infer.checkpoint_manifest import verify_manifest
+
+    if not verify_manifest(tag_dir):
+        print(f"kiln: warning: checkpoint {tag_dir} has no manifest (saved by an older kiln): its files "
+              "are not verified before they are read", file=sys.stderr)
+
+
 def load_model(tag_dir: Path, model_cfg, zero_stage: int) -> Transformer:
     """The model of a checkpoint in fp32 on the CPU, in eval mode (see the module doc)."""
-    if not (Path(tag_dir) / "mp_rank_00_model_states.pt").is_file():
+    if not any(Path(tag_dir).glob("*mp_rank_00_model_states.pt")):  # ZeRO-3 writes zero_pp_rank_<r>_...
         raise InferError(f"{tag_dir} holds no model states (mp_rank_00_model_states.pt): pass a kiln "
                          "checkpoint directory, e.g. runs/tiny/checkpoints/step_00000400")
     model = Transformer(model_cfg)
