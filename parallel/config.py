@@ -24,6 +24,9 @@ class ParallelConfig:
                 "shorter ones data-parallel over all ranks (0 = every bucket sequence-parallel)", "min": 0})
     ep: int = field(default=1, metadata={
         "help": "expert-parallel ranks the MoE experts are sharded over (1 = off)", "min": 1})
+    moe_dedup: bool = field(default=True, metadata={
+        "help": "MoE dispatch sends one row per (token, destination rank) instead of one per "
+                "token-choice (same outputs and gradients; fewer bytes when a token's experts share a rank)"})
 
     placement: str = field(default="contiguous", metadata={
         "help": "MoE expert placement: contiguous, auto (re-solve every placement_every steps) or a "

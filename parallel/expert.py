@@ -18,6 +18,17 @@ Dispatch of one MoE layer (all sizes exchanged, so any placement works):
 The all-to-all is an autograd Function (its backward is the reverse all-to-all), and uses only
 torch.distributed.all_to_all_single, so gloo (CPU) and NCCL (GPU) run the same code.
 
+Dedup dispatch (`ExpertParallel.dedup`, the default; recipe knob parallel.moe_dedup), as in
+DeepSpeed-TED, Tutel and DeepEP: a token is sent once per destination *rank*, however many of its
+top-k experts live there, with its per-choice local expert ids and routing weights; the receiver
+replicates the row to those experts, sums their weighted outputs, and returns one row. Off-rank
+rows then depend on the placement (a token whose choices share a rank costs one row), which is
+what makes co-selection placement (kiln.parallel.placement, coselect) move fewer bytes. Every
+expert sees the same rows in the same order as the plain dispatch, so expert inputs, outputs and
+weight gradients are bitwise equal; a token's k weighted outputs are summed per rank first, then
+over ranks, which equals the plain sum exactly for top_k <= 2 (two terms commute) and up to
+rounding of the summation order for top_k >= 3.
+
 The model is reached through the MoE block protocol (see kiln.model.moe's docstring): blocks
 with `router`, `experts`, `expert_compute` and `num_experts`. This file never imports the model.
 """
@@ -147,7 +158,66 @@ class EPDispatch:
         """Drop cached tables (after a placement change)."""
         self._pos = {}
 
+    def _tables(self, device):
+        """(rank of each expert [E+1], its index among its rank's experts [E+1]); sentinel E ->
+        (R, -1)."""
+        if ("dedup", device) not in self._pos:
+            lay, l = self.ep.layout, self.layer
+            rank_of = np.append(lay.placement[l], lay.ranks)
+            bounds = np.cumsum([0] + lay.rank_sizes[l])
+            local = lay.position_table(l).numpy() - np.append(bounds[lay.placement[l]], lay.experts + 1)
+            self._pos["dedup", device] = (torch.from_numpy(rank_of).to(device),
+                                          torch.from_numpy(local).to(device))
+        return self._pos["dedup", device]
+
     def __call__(self, block, x, expert_idx, weights):
+        if self.ep.dedup:
+            return self._dedup(block, x, expert_idx, weights)
+        return self._plain(block, x, expert_idx, weights)
+
+    def _dedup(self, block, x, expert_idx, weights):
+        """One row per (token, destination rank); see the module doc."""
+        ep, l = self.ep, self.layer
+        r, R, (n, k), dim = ep.rank, ep.ranks, expert_idx.shape, x.shape[1]
+        rank_of, local_of = self._tables(x.device)
+        dest = rank_of[expert_idx]                                            # [N, k], R = dropped
+        earlier = torch.ones(k, k, dtype=torch.bool, device=x.device).tril(-1)
+        first = ~((dest[:, :, None] == dest[:, None, :]) & earlier).any(2) & (dest < R)
+        tok, ch = first.nonzero(as_tuple=True)                                # token-major
+        order = torch.argsort(dest[tok, ch], stable=True)                     # by rank, then token
+        tok, ch = tok[order], ch[order]
+        row_dest = dest[tok, ch]
+        in_splits = torch.bincount(row_dest, minlength=R)
+        out_splits = _all_to_all(in_splits, [1] * R, [1] * R, ep.group).tolist()
+        in_splits = in_splits.tolist()
+        here = dest[tok] == row_dest[:, None]                                 # [rows, k]
+        ids = torch.where(here, local_of[expert_idx[tok]], -1).to(torch.int32)
+        w_send = torch.where(here, weights[tok], torch.zeros((), dtype=weights.dtype, device=x.device))
+        ids_recv = _all_to_all(ids, in_splits, out_splits, ep.group).long()
+        payload = AllToAll.apply(torch.cat([x[tok], w_send.to(x.dtype)], 1), in_splits, out_splits, ep.group)
+        x_recv, w_recv = payload[:, :dim], payload[:, dim:]
+        m, c = (ids_recv >= 0).nonzero(as_tuple=True)                         # received choices
+        ex = ids_recv[m, c]
+        group = torch.argsort(ex, stable=True)                                # by local expert, stable
+        size = ep.layout.rank_sizes[l][r]
+        if group.numel():
+            y_g = ep.bank(x_recv[m[group]], torch.bincount(ex, minlength=size).tolist(), ep.local_slots[l])
+        else:  # nothing to compute here; the bank still joins the graph (zero gradients)
+            y_g = ep.bank(x_recv, [0] * size, ep.local_slots[l])
+        at = torch.empty_like(group)
+        at[group] = torch.arange(group.numel(), device=x.device)
+        rmap = torch.full((x_recv.shape[0], k), group.numel(), dtype=torch.long, device=x.device)
+        rmap[m, c] = at                                                       # pads -> a zero row
+        y_pad = torch.cat([y_g, y_g.new_zeros(1, y_g.shape[1])])
+        partial = kernels.moe_unpermute(y_pad, rmap, w_recv)                  # summed on this rank
+        y = AllToAll.apply(partial, out_splits, in_splits, ep.group)
+        hmap = torch.full((n, k), y.shape[0], dtype=torch.long, device=x.device)
+        hmap[tok, ch] = torch.arange(y.shape[0], device=x.device)
+        y_pad = torch.cat([y, y.new_zeros(1, y.shape[1])])
+        return kernels.moe_unpermute(y_pad, hmap, first.to(y.dtype))          # over the ranks
+
+    def _plain(self, block, x, expert_idx, weights):
+        """One row per token-choice (the dispatch before dedup)."""
         ep, l = self.ep, self.layer
         lay, r, R, e_num = ep.layout, ep.rank, ep.ranks, block.num_experts
         if x.device not in self._pos:
@@ -184,8 +254,9 @@ def moe_blocks(model: nn.Module) -> list:
 class ExpertParallel:
     """Handle kept on the model as `model.kiln_ep`: group, layout, bank and per-layer dispatch."""
 
-    def __init__(self, group, layout: ExpertLayout, bank: ExpertBank, blocks: list):
+    def __init__(self, group, layout: ExpertLayout, bank: ExpertBank, blocks: list, dedup: bool = True):
         self.group, self.layout, self.bank, self.blocks = group, layout, bank, blocks
+        self.dedup = dedup  # one row per (token, rank); False: one per token-choice (module doc)
         self.rank, self.ranks = dist.get_rank(group), dist.get_world_size(group)
         self.dispatch = [EPDispatch(self, l) for l in range(len(blocks))]
         self.set_layout(layout)
@@ -209,7 +280,7 @@ def contiguous_placement(layers: int, experts: int, ranks: int) -> np.ndarray:
     return contiguous(layers, experts, ranks) if experts % ranks == 0 else round_robin(layers, experts, ranks)
 
 
-def apply_expert_parallel(model: nn.Module, ep_group, placement=None) -> ExpertParallel:
+def apply_expert_parallel(model: nn.Module, ep_group, placement=None, dedup: bool = True) -> ExpertParallel:
     """Shard the experts of every MoE block of `model` over `ep_group` under `placement`.
 
     placement: [L, E] rank ids (None = contiguous). Every rank must call this with the same
@@ -217,7 +288,8 @@ def apply_expert_parallel(model: nn.Module, ep_group, placement=None) -> ExpertP
     `model.expert_bank` and drops the blocks' full expert weights. A model built with
     expert_device="meta" (kiln.model.Transformer) has no full expert weights: each rank then builds only its
     own experts from their seeds (`experts.expert_init(e)`), the same values. Returns (and stores
-    as `model.kiln_ep`) the handle used by migrate() and the checkpoint helpers.
+    as `model.kiln_ep`) the handle used by migrate() and the checkpoint helpers. dedup: send one
+    row per (token, destination rank) (see the module doc; `model.kiln_ep.dedup` switches it).
     """
     blocks = moe_blocks(model)
     if not blocks:
@@ -243,7 +315,7 @@ def apply_expert_parallel(model: nn.Module, ep_group, placement=None) -> ExpertP
             for name, row in zip(("w1", "w3", "w2"), rows):
                 getattr(bank.experts, name)[i].copy_(row)
     model.add_module("expert_bank", bank)
-    ep = ExpertParallel(ep_group, layout, bank, blocks)
+    ep = ExpertParallel(ep_group, layout, bank, blocks, dedup)
     for l, block in enumerate(blocks):
         block.experts = None  # the bank holds this rank's share; the full weights go
         block.expert_compute = ep.dispatch[l]

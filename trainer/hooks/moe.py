@@ -69,6 +69,7 @@ class MoEHook(Hook):
         self.last_profile = None
         self.want = None
         if self.ep > 1:
+            self.model.kiln_ep.dedup = self.recipe.parallel.moe_dedup
             self.want = requested_placement(self.recipe.parallel.placement, self.layers, self.experts, self.ep)
         self.solve = None  # an auto re-solve in flight: a _Solve on rank 0, True elsewhere
         self.routed_under = None  # the placement this log window's tokens were routed under, if it changed
