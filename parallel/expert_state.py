@@ -125,14 +125,14 @@ def save_experts(model, ckpt_dir, write: bool) -> Path | None:
     if not write:
         return None
     path = Path(ckpt_dir) / f"experts_ep{ep.rank}.pt"
-    torch.save({"format": FORMAT, "placement": ep.placement.tolist(), "ranks": ep.ranks,
-                "rank": ep.rank, "slots": ep.layout.slots[ep.rank], **rows}, path)
+    torch.save({"format": FORMAT, "placement": ep.placement.tolist(), "ranks": int(ep.ranks),
+                "rank": int(ep.rank), "slots": ep.layout.slots[ep.rank], **rows}, path)
     return path
 
 
 def _read(path: Path) -> dict:
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # tensors, lists and ints only: weights_only=True, so a crafted file cannot run code
+        doc = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a truncated or foreign file
         raise PlacementError(f"expert checkpoint {path} is unreadable ({type(e).__name__}); "
                              "resume from an older checkpoint or start over") from None

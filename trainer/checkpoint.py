@@ -1,8 +1,15 @@
 """Checkpoints: DeepSpeed's engine state plus kiln's own (RNG, recipe, and the state of the parts).
 
-Layout: <run_dir>/checkpoints/step_00000100/... with DeepSpeed's `latest` file naming the
-newest complete one. DeepSpeed writes `latest` only after every file of a tag is saved, so a
-run killed mid-save resumes from the previous checkpoint.
+Layout: <run_dir>/checkpoints/step_00000100/... with a `latest` file naming the newest complete
+one. A save writes kiln's files and DeepSpeed's (save_latest=False), then rank 0, once every rank
+is done, writes the manifest (every file's size and sha256, kiln.infer.checkpoint_manifest) and
+only then moves `latest` (written under a temporary name and renamed: DeepSpeed's own `latest` is
+opened, truncated and then written, so a kill there would leave it empty). A run killed anywhere
+in a save resumes from the previous checkpoint; a resume checks the manifest before any file is
+opened (kiln.trainer.manifest picks the checkpoint, checkpoint.fallback the way back). With
+checkpoint.async the same happens with DeepSpeed's writes in the background
+(kiln.trainer.checkpoint_async). kiln's own files hold tensors and plain values only and load
+with weights_only=True.
 
 What kiln saves beside the engine is collected from the components that own it, the *parts*
 of a stage (`parts={name: part}`), each with any of:
@@ -24,6 +31,7 @@ import torch.distributed as dist
 import yaml
 
 from kiln.data.errors import storage_message
+from kiln.infer.checkpoint_manifest import ManifestError, verify_manifest, write_manifest
 
 
 class CheckpointError(Exception):
@@ -114,13 +122,23 @@ def check_compatible(run_dir: Path, recipe_dict: dict) -> None:
                 f"{new_value!r} (another corpus or tokenizer): use another train.name, or --no-resume to start over")
 
 
-def save(engine, run_dir: Path, step: int, parts: dict, recipe_dict: dict, keep: int) -> Path:
-    """Save engine + the parts' state for `step` (collective: every rank calls it); prune old ones."""
+def save(engine, run_dir: Path, step: int, parts: dict, recipe_dict: dict, keep: int,
+         background: bool = False, timeout_s: float = 600.0) -> Path:
+    """Save engine + the parts' state for `step` (collective: every rank calls it); publish it
+    (manifest, then `latest`) and prune old ones. `background`: DeepSpeed's files are written by
+    a thread and published when every rank is done (kiln.trainer.checkpoint_async)."""
+    from kiln.trainer import checkpoint_async
+
     root, tag = ckpt_root(run_dir), tag_for(step)
     rank = dist.get_rank()
+    checkpoint_async.wait()  # one save at a time: a pending background save finishes first
     state = {name: part.state_dict() for name, part in parts.items() if hasattr(part, "state_dict")}
+    if rank == 0 and (root / tag).is_dir() and tag != latest_tag(run_dir):
+        # a folder left by a killed save, or a damaged one the run stepped back from: its files
+        # must not end up in this save's manifest
+        shutil.rmtree(root / tag, ignore_errors=True)
+    dist.barrier()
     with _writing(run_dir, tag):
-        # kiln's files first: DeepSpeed's `latest` (written last) then marks the tag complete.
         (root / tag).mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
         if rank == 0:
@@ -130,17 +148,66 @@ def save(engine, run_dir: Path, step: int, parts: dict, recipe_dict: dict, keep:
             if hasattr(part, "save_files"):
                 part.save_files(root / tag)
     dist.barrier()
+    client = {"kiln": state}
+    if background:
+        with _writing(run_dir, tag):
+            writes = checkpoint_async.capture(engine, str(root), tag, client)
+        checkpoint_async.start(writes, root / tag, lambda: publish(run_dir, tag, keep, announce=True), timeout_s)
+        return root / tag
     with _writing(run_dir, tag):
-        engine.save_checkpoint(str(root), tag=tag, client_state={"kiln": state})
+        engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
     dist.barrier()
-    if rank == 0 and keep > 0:
+    if rank == 0:
+        publish(run_dir, tag, keep)
+    dist.barrier()
+    return root / tag
+
+
+def publish(run_dir: Path, tag: str, keep: int, announce: bool = False) -> None:
+    """Rank 0, once every rank's files of `tag` are on disk: write its manifest, then point
+    `latest` at it, then prune older checkpoints beyond `keep`."""
+    root = ckpt_root(run_dir)
+    with _writing(run_dir, tag):
+        _test_pause(tag, "before its manifest")
+        write_manifest(root / tag)
+        _test_pause(tag, "before `latest`")
+        set_latest(run_dir, tag)
+    if keep > 0:
         # only older tags are pruned: a folder newer than this save (a damaged checkpoint the user
         # stepped back from) is neither counted nor deleted
         older = sorted(p.name for p in root.glob("step_*") if p.is_dir() and p.name < tag)
         for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(root / old, ignore_errors=True)
-    dist.barrier()
-    return root / tag
+    if announce:
+        print(f"kiln: checkpoint {root / tag} (written in the background)", flush=True)
+
+
+def _test_pause(tag: str, where: str) -> None:
+    """KILN_TEST_SAVE_PAUSE_S: sleep inside a save (after every rank's files, before the manifest,
+    and before `latest`), saying so, so that the kill -9 test can land a kill exactly there."""
+    import os
+    import time
+
+    pause = float(os.environ.get("KILN_TEST_SAVE_PAUSE_S", "0") or 0)
+    if pause > 0:
+        print(f"kiln: test: inside save {tag}, {where}", flush=True)
+        time.sleep(pause)
+
+
+def set_latest(run_dir: Path, tag: str) -> None:
+    """Point `latest` at `tag` atomically: a temporary file, flushed, renamed over it."""
+    import os
+
+    from kiln.data.manifest import fsync_dir
+
+    root = ckpt_root(run_dir)
+    tmp = root / f".latest.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(root / "latest")
+    fsync_dir(root)
 
 
 @contextlib.contextmanager
@@ -178,10 +245,16 @@ def _storage_failure(e: BaseException) -> bool:
 
 def load(engine, run_dir: Path, parts: dict) -> dict | None:
     """Restore the newest checkpoint into `engine` and the parts; returns kiln's state, or None
-    if there is no checkpoint."""
+    if there is no checkpoint. Its files are checked against its manifest first: DeepSpeed
+    unpickles its own files in full, so it is handed only files whose checksums verify."""
     tag = latest_tag(run_dir)
     if tag is None:
         return None
+    try:
+        verify_manifest(ckpt_root(run_dir) / tag)  # False (no manifest, older kiln): kiln train has warned
+    except ManifestError as e:
+        raise CheckpointError(f"checkpoint {ckpt_root(run_dir) / tag} cannot be loaded: {e}: "
+                              f"{_way_out(run_dir, tag)}") from None
     module_loaders = [part.load_module for part in parts.values() if hasattr(part, "load_module")]
     try:
         path, client = engine.load_checkpoint(str(ckpt_root(run_dir)), tag=tag,
@@ -191,7 +264,7 @@ def load(engine, run_dir: Path, parts: dict) -> dict | None:
                 part.load_files(ckpt_root(run_dir) / tag)
         rng = ckpt_root(run_dir) / tag / f"rng_rank{dist.get_rank()}.pt"
         if path is not None and rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
+            _set_rng_state(_load_rng(rng))
     except CheckpointError:
         raise
     except Exception as e:  # a truncated or damaged file: say which, and how to go on
@@ -209,23 +282,40 @@ def load(engine, run_dir: Path, parts: dict) -> dict | None:
 
 
 def _way_out(run_dir: Path, tag: str) -> str:
-    """The fix for an unloadable newest checkpoint: an older one if there is, else start over."""
+    """The fix for an unloadable newest checkpoint: an older one if there is (the newest whose
+    manifest verifies, else the newest older folder), else start over."""
+    from kiln.trainer.manifest import newest_verified
+
     older = sorted(p.name for p in ckpt_root(run_dir).glob("step_*") if p.is_dir() and p.name < tag)
-    back = (f"write {older[-1]} into {ckpt_root(run_dir) / 'latest'} to resume from the one before, "
-            "or " if older else "")
+    good = newest_verified(run_dir, below=tag) or (older[-1] if older else None)
+    back = (f"write {good} into {ckpt_root(run_dir) / 'latest'} to resume from the one before, "
+            "or " if good else "")
     return back + "run with --no-resume to start over (the old run is moved aside)"
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _load_rng(path: Path) -> dict:
+    """An RNG file, never unpickling code: weights_only=True; the numpy arrays of files saved by
+    an older kiln are let through torch's allow-list (array reconstruction runs no file code)."""
+    allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    keys = keys.numpy() if torch.is_tensor(keys) else keys
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -62,6 +62,13 @@ class CheckpointConfig:
         "min": 0, "zero": "0 = only at the end"})
     keep: int = field(default=2, metadata={
         "help": "newest checkpoints kept; older ones are deleted (0 = keep all)", "min": 0, "zero": "0 = keep all"})
+    fallback: bool = field(default=False, metadata={
+        "help": "resume from the previous verified checkpoint when the newest fails its manifest "
+                "(a damaged or altered file), with one line saying so; false = refuse, naming the file"})
+    # the issue's `checkpoint.async`: `async` is a Python keyword, so no dataclass field can have it
+    async_save: bool = field(default=False, metadata={
+        "help": "write DeepSpeed's files in a background thread while training goes on (same manifest "
+                "and `latest` atomicity; the blocking part is a copy of the state in memory)"})
 
 
 @dataclass

@@ -50,7 +50,11 @@ def prepare_run_dir(recipe, run_dir: Path, no_resume: bool, launched: bool) -> b
     A checkpoint of another model shape is refused before anything is resumed or started."""
     if not launched:
         claim_run_dir(run_dir)
-    tag = latest_tag(run_dir)
+    from kiln.trainer.manifest import resume_tag
+
+    # the checkpoint its manifest verifies (a missing `latest`, checkpoint.fallback: kiln.trainer.manifest)
+    tag = latest_tag(run_dir) if no_resume else resume_tag(run_dir, recipe.checkpoint.fallback,
+                                                           say=print if _rank0() else lambda _: None)
     orphans = sorted(d.name for d in ckpt_root(run_dir).glob("step_*") if d.is_dir()) if tag is None else []
     if tag is None and not orphans:
         return True

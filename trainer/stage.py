@@ -107,12 +107,18 @@ class Stage:
         return self.progress.step
 
     def save(self, step: int) -> None:
-        """Checkpoint after `step` (collective)."""
+        """Checkpoint after `step` (collective). With checkpoint.async_save the files are written in
+        the background, except the stage's last checkpoint: the next stage, growth and the final
+        report read it, so that one is complete when this returns."""
         c, t0 = self.recipe.checkpoint, time.perf_counter()
-        path = checkpoint.save(self.engine, self.run.run_dir, step, self.parts(), self.recipe_dict, c.keep)
-        self.last_save_s = time.perf_counter() - t0  # sizes Slurm's signal lead (hooks/stop.py)
+        background = c.async_save and step < self.end
+        path = checkpoint.save(self.engine, self.run.run_dir, step, self.parts(), self.recipe_dict, c.keep,
+                               background=background, timeout_s=self.recipe.train.dist_timeout_s)
+        blocked = time.perf_counter() - t0
+        self.last_save_s = blocked  # sizes Slurm's signal lead (hooks/stop.py)
         if dist.get_rank() == 0:
-            print(f"kiln: checkpoint {path}", flush=True)
+            how = "being written in the background, training blocked" if background else "saved in"
+            print(f"kiln: checkpoint {path} ({how} {blocked:.3f} s)", flush=True)
 
     def prepare(self, batch: dict, step: int) -> dict:
         """A training batch as the engine takes it: the objective's inputs, laid out, on the device."""
