@@ -68,7 +68,7 @@ CATALOGUE = [
     ("data/bucket", "integer", "", "step record: the step's bucket k (rows of 2^k tokens)"),
     ("data/seq_len", "integer", "tokens", "step record: the step's row length"),
     ("data/batch_size", "integer", "rows", "step record: rows in the step, all ranks"),
-    ("data/sp", "integer", "ranks", "step record: the sequence-parallel size the step ran at"),
+    ("data/sp", "boolean", "", "step record: whether the step's rows were sharded sequence-parallel"),
     ("data/attn_flops", "number", "FLOP", "step record: causal attention FLOPs of the step"),
     ("data/step_s", "number", "s", "step record: the step's wall time on rank 0"),
     ("data/tokens_per_s_b{k}", "number", "tokens/s", "train record: throughput of bucket k's steps in the window"),

@@ -39,7 +39,7 @@ def print_where(run_dir: Path, recipe) -> None:
     """After a finished run: where its checkpoints, metrics and W&B files are, and what reads them."""
     print(f"\nkiln: done. Run directory: {run_dir}")
     print(f"  checkpoints: {run_dir / 'checkpoints'} (newest: {latest_tag(run_dir)})")
-    print(f"  metrics:     {run_dir / recipe.logging.metrics_file}  ->  kiln report {run_dir}")
+    print(f"  metrics:     {run_dir / recipe.logging.metrics_file}  ->  kiln report {run_dir} [--out {run_dir / 'report'}]")
     if recipe.logging.wandb.mode == "offline":
         print(f"  W&B offline: {run_dir / 'wandb'}  ->  wandb sync {run_dir / 'wandb'}/offline-run-*")
 
