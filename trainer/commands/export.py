@@ -47,36 +47,19 @@ def gate_texts(data, n: int = GATE_TEXTS) -> list[str]:
 
 
 def load(ckpt):
-    """The checkpoint's model in fp32 (kiln.infer.load.checkpoint_state: DeepSpeed's consolidation
-    of ZeRO 1-3, kiln's expert files; a grown checkpoint's weights file). Not Opened.model(): its load_model asks for
-    mp_rank_00_model_states.pt, which a ZeRO-3 checkpoint does not have (it writes
-    zero_pp_rank_<r>_mp_rank_00_model_states.pt), so it refuses every ZeRO-3 checkpoint."""
+    """The checkpoint's model in fp32: Opened.model() (kiln.infer.load: DeepSpeed's consolidation of
+    ZeRO 1-3, kiln's expert files), or the weights file of a `kiln grow` / `kiln import-hf`
+    checkpoint, which holds no DeepSpeed files until it is trained."""
     import torch
 
-    from kiln.infer.load import checkpoint_state
     from kiln.model import Transformer
-    from kiln.trainer.checkpoint import CheckpointError
     from kiln.trainer.growth import GROWN_FILE
 
-    cfg = ckpt.model_config()
-    grown = ckpt.tag_dir / GROWN_FILE  # `kiln grow` / `kiln import-hf` output, not trained yet
-    if grown.is_file():
-        model = Transformer(cfg)
-        model.load_state_dict(torch.load(grown, map_location="cpu", weights_only=True))
-        return model.eval()
-    if not list(ckpt.tag_dir.glob("*mp_rank_00_model_states.pt")):
-        raise CheckpointError(f"{ckpt.tag_dir} holds no model states (*mp_rank_00_model_states.pt): pass a "
-                              "complete kiln checkpoint, e.g. runs/tiny/checkpoints/step_00000400")
-    try:
-        state = checkpoint_state(ckpt.tag_dir, cfg, ckpt.recipe.parallel.zero_stage)
-    except (OSError, KeyError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {ckpt.tag_dir} cannot be read ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    model = Transformer(cfg)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"checkpoint {ckpt.tag_dir} does not match its recipe's model (missing "
-                              f"{sorted(result.missing_keys)[:3]}, unexpected {result.unexpected_keys[:3]})")
+    grown = ckpt.tag_dir / GROWN_FILE
+    if not grown.is_file():
+        return ckpt.model()
+    model = Transformer(ckpt.model_config())
+    model.load_state_dict(torch.load(grown, map_location="cpu", weights_only=True))
     return model.eval()
 
 
