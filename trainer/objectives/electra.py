@@ -154,7 +154,8 @@ class Electra(Objective):
         masked = labels != -100
         hidden = self.gen(self.model.embed(input_ids), position_ids, doc_ids)
         logits = self.gen.head(hidden[masked])  # [masked, V]: the head runs on masked rows only
-        gen_loss = F.cross_entropy(logits.float(), labels[masked])
+        # a rank without a masked token (a tiny batch) adds nothing, rather than a NaN mean
+        gen_loss = F.cross_entropy(logits.float(), labels[masked]) if len(logits) else logits.sum().float()
         sampled = targets.masked_scatter(masked, sample_tokens(logits, noise[masked], never=self.mask_id))
         replaced = rtd_labels(sampled, targets)
         disc_logits = self.rtd(self.model(sampled, position_ids=position_ids, doc_ids=doc_ids))

@@ -83,7 +83,10 @@ class MLM(Objective):
         hidden = self.model(input_ids, position_ids=position_ids, doc_ids=doc_ids)
         selected = labels != -100
         picked = hidden[selected]
-        loss = self.model.head(picked, labels=labels[selected], z_loss=self.z_loss)
+        if len(picked):
+            loss = self.model.head(picked, labels=labels[selected], z_loss=self.z_loss)
+        else:  # a rank without a selected token (a tiny batch) adds nothing, rather than a NaN mean
+            loss = hidden.sum() * 0
         metrics = {}
         if self.training:
             with torch.no_grad():
