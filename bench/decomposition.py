@@ -198,7 +198,7 @@ def main() -> None:
     cfg = DataConfig(source="stdlib", vocab_size=4096, cache_dir=args.cache_dir, packing="decompose",
                      buckets=[lo, hi], curriculum=args.curriculum, num_cycles=args.cycles, num_workers=2)
     p = prepare(cfg, progress=False)
-    dec = Decomposed.load(bucket_dir(p.dir, cfg.buckets, cfg.decompose_seed))
+    dec = Decomposed.load(bucket_dir(p.dir, cfg.buckets, cfg.decompose_seed, cfg.long_doc_rule))
     base_loader = ChunkLoader(p.train_prefix, L, T // L, 0, 1, seed=args.seed + 1)
     decompose_loader = build_decompose_loader(cfg, dec, "train", T, 0, 1, seed=args.seed + 1, horizon=args.steps)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 PACKINGS = ["concat", "decompose"]  # decompose: dataset decomposition buckets (data/decompose.py)
 TEXT_UNITS = ["document", "paragraph", "line"]  # what one document is in a .txt file
 CURRICULA = ["natural", "grow_p2", "grow_linear", "weights"]  # see data/curriculum.py
+LONG_DOC_RULES = ["equal_tokens", "uniform"]  # see data/decompose.py
 
 
 @dataclass
@@ -44,6 +45,11 @@ class DataConfig:
         "help": "decompose: [min_log2, max_log2], chunk lengths 2^min .. 2^max tokens"})
     decompose_seed: int = field(default=0, metadata={
         "help": "decompose: seed of the random chunk sizes of documents longer than 2^(max+1)"})
+    long_doc_rule: str = field(default="equal_tokens", metadata={
+        "help": "decompose: chunk sizes of documents longer than 2^(max+1): equal_tokens = p(k) "
+                "proportional to 2^(max-k), the same tokens in every bucket (the authors' rule); "
+                "uniform = k uniform over the buckets (most tokens in the longest)",
+        "choices": LONG_DOC_RULES})
     curriculum: str = field(default="grow_p2", metadata={
         "help": "decompose: bucket sampling weights (natural = 1 each, grow_p2 = 2^(n-1)..1, "
                 "grow_linear = n..1, weights = data.curriculum_weights), shortest bucket first",
@@ -86,5 +92,7 @@ class DataConfig:
             raise ValueError(f"data.curriculum=weights needs data.curriculum_weights with {n} "
                              f"positive numbers (one per bucket 2^{self.buckets[0]}..2^"
                              f"{self.buckets[1]}), got {self.curriculum_weights}")
+        if self.long_doc_rule not in LONG_DOC_RULES:
+            raise ValueError(f"data.long_doc_rule={self.long_doc_rule!r} is unknown: choose one of {LONG_DOC_RULES}")
         if self.curriculum not in CURRICULA:
             raise ValueError(f"data.curriculum={self.curriculum!r} is unknown: choose one of {CURRICULA}")

@@ -2,12 +2,17 @@
 
 Each tokenised document (EOT included) is cut, from its start, into chunks whose lengths follow
 the binary representation of what is left: take k = floor(log2(left)); when k exceeds the
-largest bucket, take a size 2^k' with k' drawn uniformly from the allowed buckets instead (so
-long documents feed every bucket, not only the largest); stop when fewer than 2^min tokens are
-left and drop them (counted). A chunk never spans two documents.
+largest bucket, draw a size 2^k' from the allowed buckets instead (so long documents feed every
+bucket, not only the largest); stop when fewer than 2^min tokens are left and drop them
+(counted). A chunk never spans two documents.
+
+The draw (data.long_doc_rule): `equal_tokens` (the default, the authors' public code) takes k'
+with p(k') proportional to 2^(max - k'), so each draw puts the same expected number of tokens in
+every bucket; `uniform` (kiln's earlier rule) takes k' uniformly, which puts tokens in proportion
+to 2^k', most of them in the longest bucket.
 
 Layout, inside a prepared folder (see kiln.data.prepare):
-  decompose-b<min>-<max>-s<seed>/
+  decompose-b<min>-<max>-s<seed>[-eq]/          (-eq: long_doc_rule=equal_tokens)
     train_b08.bin/.idx ... train_b13.bin/.idx   one Megatron indexed dataset per bucket: one
     valid_b08.bin/.idx ...                        sequence (= chunk) of 2^k tokens per entry
     train_b08.next.npy ...                      per chunk, the document token after it (its
@@ -36,27 +41,45 @@ from .tokenizer import write_atomic
 FORMAT = "kiln-decompose-v1"
 SPLITS = ("train", "valid")
 NO_LABEL = -100  # the loss's ignore index: nothing follows a document's EOT
+LONG_DOC_RULES = ("equal_tokens", "uniform")  # how a long document's chunk sizes are drawn
 
 
-def split_document(length: int, min_log2: int, max_log2: int, rng: np.random.Generator) -> list[int]:
+def long_doc_probs(min_log2: int, max_log2: int, rule: str = "equal_tokens") -> np.ndarray:
+    """p(k) of a long document's chunk size 2^k, k = min_log2 .. max_log2, under `rule`."""
+    if rule not in LONG_DOC_RULES:
+        raise ValueError(f"long_doc_rule={rule!r} is unknown: choose one of {list(LONG_DOC_RULES)}")
+    ks = np.arange(min_log2, max_log2 + 1)
+    w = np.ones(len(ks)) if rule == "uniform" else np.exp2(max_log2 - ks)
+    return w / w.sum()
+
+
+def split_document(length: int, min_log2: int, max_log2: int, rng: np.random.Generator,
+                   rule: str = "equal_tokens") -> list[int]:
     """log2 sizes of the chunks of a `length`-token document, in order from its start.
 
-    The tokens after the last chunk (length - sum of 2^k, always < 2^min_log2) are dropped.
+    While the binary rule would take a chunk longer than 2^max_log2, the size is drawn by `rule`
+    (see the module docstring). The tokens after the last chunk (length - sum of 2^k, always
+    < 2^min_log2) are dropped.
     """
+    probs = long_doc_probs(min_log2, max_log2, rule)
     out, left = [], int(length)
     while left >= 1 << min_log2:
         k = left.bit_length() - 1
         if k > max_log2:
-            k = int(rng.integers(min_log2, max_log2 + 1))
+            if rule == "uniform":  # kept draw for draw: old decompositions rebuild identically
+                k = int(rng.integers(min_log2, max_log2 + 1))
+            else:
+                k = min_log2 + int(rng.choice(len(probs), p=probs))
         out.append(k)
         left -= 1 << k
     return out
 
 
-def bucket_dir(prepared_dir: str | os.PathLike, buckets, seed: int) -> Path:
-    """Where the decomposition of a prepared folder for these buckets and seed lives."""
+def bucket_dir(prepared_dir: str | os.PathLike, buckets, seed: int, rule: str = "equal_tokens") -> Path:
+    """Where the decomposition of a prepared folder for these buckets, seed and long-document
+    rule lives (uniform keeps its earlier name, so its caches stay valid)."""
     lo, hi = buckets
-    return Path(prepared_dir) / f"decompose-b{lo:02d}-{hi:02d}-s{seed}"
+    return Path(prepared_dir) / f"decompose-b{lo:02d}-{hi:02d}-s{seed}{'' if rule == 'uniform' else '-eq'}"
 
 
 def bucket_prefix(dir: str | os.PathLike, split: str, k: int) -> str:
@@ -65,7 +88,8 @@ def bucket_prefix(dir: str | os.PathLike, split: str, k: int) -> str:
 
 
 def decompose_split(prefix, out_dir: Path, split: str, min_log2: int, max_log2: int,
-                    rng: np.random.Generator, flush_tokens: int = 1 << 22) -> dict:
+                    rng: np.random.Generator, flush_tokens: int = 1 << 22,
+                    rule: str = "equal_tokens") -> dict:
     """Decompose one split's documents into per-bucket indexed datasets; returns its summary."""
     tokens, starts, ends = read_documents(prefix)
     ks = range(min_log2, max_log2 + 1)
@@ -76,7 +100,7 @@ def decompose_split(prefix, out_dir: Path, split: str, min_log2: int, max_log2: 
     dropped = dropped_docs = 0
     try:
         for start, end in zip(starts.tolist(), ends.tolist()):
-            sizes = split_document(end - start, min_log2, max_log2, rng)
+            sizes = split_document(end - start, min_log2, max_log2, rng, rule)
             pos = start
             for k in sizes:
                 stop = pos + (1 << k)
@@ -179,7 +203,7 @@ class Decomposed:
 
 
 def decompose(prepared, buckets, seed: int = 0, *, progress: bool = True,
-              repair: bool = True) -> Decomposed:
+              repair: bool = True, rule: str = "equal_tokens") -> Decomposed:
     """Decompose a Prepared folder's splits into buckets 2^buckets[0] .. 2^buckets[1] (cached).
 
     Idempotent: an existing folder that passes `Decomposed.load` is reused; a missing one is
@@ -188,7 +212,7 @@ def decompose(prepared, buckets, seed: int = 0, *, progress: bool = True,
     training run never silently replaces files, as for the prepared folder itself).
     """
     lo, hi = buckets
-    final = bucket_dir(prepared.dir, buckets, seed)
+    final = bucket_dir(prepared.dir, buckets, seed, rule)
     if final.exists():
         try:
             dec = Decomposed.load(final)
@@ -205,14 +229,14 @@ def decompose(prepared, buckets, seed: int = 0, *, progress: bool = True,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        summary = {"min_log2": lo, "max_log2": hi, "seed": seed, "splits": {}}
+        summary = {"min_log2": lo, "max_log2": hi, "seed": seed, "long_doc_rule": rule, "splits": {}}
         for i, (split, prefix) in enumerate(zip(SPLITS, (prepared.train_prefix, prepared.valid_prefix))):
             # one stream per split, so adding held-out documents never changes the training chunks
             rng = np.random.default_rng([seed, i])
-            summary["splits"][split] = decompose_split(prefix, tmp, split, lo, hi, rng)
+            summary["splits"][split] = decompose_split(prefix, tmp, split, lo, hi, rng, rule=rule)
         write_atomic(tmp / "summary.json", json.dumps(summary, indent=1).encode())
         write_atomic(tmp / "summary.txt", (summary_table(summary) + "\n").encode())
-        fields = {"format": FORMAT, "min_log2": lo, "max_log2": hi, "seed": seed}
+        fields = {"format": FORMAT, "min_log2": lo, "max_log2": hi, "seed": seed, "long_doc_rule": rule}
         if not publish(tmp, final, fields):  # another process finished first: use theirs if sound
             return Decomposed.load(final)
     except BaseException:

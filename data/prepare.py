@@ -242,7 +242,7 @@ def _finish(p: Prepared, cfg: DataConfig, progress: bool, repair: bool) -> Prepa
     if cfg.packing == "decompose":  # bucket files go into a subfolder (see data/decompose.py)
         from .decompose import decompose
 
-        decompose(p, cfg.buckets, cfg.decompose_seed, progress=progress, repair=repair)
+        decompose(p, cfg.buckets, cfg.decompose_seed, progress=progress, repair=repair, rule=cfg.long_doc_rule)
     return p
 
 

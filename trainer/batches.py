@@ -74,7 +74,7 @@ def train_batches(recipe, data, mesh):
         from kiln.data.decompose_loader import build_decompose_loader
 
         check_recipe(recipe, mesh.world)
-        dec = Decomposed.load(bucket_dir(data.dir, d.buckets, d.decompose_seed), checksum=False)
+        dec = Decomposed.load(bucket_dir(data.dir, d.buckets, d.decompose_seed, d.long_doc_rule), checksum=False)
         return build_decompose_loader(d, dec, "train", tokens_per_step(recipe, mesh.world), mesh.rank,
                                       mesh.world, sp=mesh.sp, sp_min_len=recipe.parallel.sp_min_len,
                                       seed=t.seed, grad_accum=t.grad_accum, horizon=t.steps)

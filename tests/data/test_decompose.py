@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kiln.data.decompose import (NO_LABEL, Decomposed, bucket_prefix, decompose, decompose_split,
-                                 split_document)
+from kiln.data.decompose import (NO_LABEL, Decomposed, bucket_dir, bucket_prefix, decompose,
+                                 decompose_split, long_doc_probs, split_document)
 from kiln.data.errors import DataError
 from kiln.data.indexed import IndexWriter, read_documents
 from kiln.data.prepare import prepare
@@ -81,21 +81,58 @@ def test_short_documents_follow_their_binary_representation():
         assert split_document(n, LO, HI, rng) == want, n
 
 
-def test_long_documents_draw_sizes_uniformly_over_the_buckets():
-    """While more than 2^(HI+1) tokens are left, each size is a uniform draw (chi-square)."""
-    rng = np.random.default_rng(1)
+def _long_picks(rule, seed=1, docs=400):
+    """The sizes drawn while more than 2^(HI+1) tokens of a 2^12-token document are left."""
+    rng = np.random.default_rng(seed)
     picks = []
-    for _ in range(400):
+    for _ in range(docs):
         left = 1 << 12
-        for k in split_document(left, LO, HI, rng):
+        for k in split_document(left, LO, HI, rng, rule):
             if left >= 1 << (HI + 1):
                 picks.append(k)
             left -= 1 << k
-    counts = np.bincount(picks, minlength=HI + 1)[LO:]
+    return np.bincount(picks, minlength=HI + 1)[LO:]
+
+
+def test_long_documents_default_to_equal_tokens_per_bucket():
+    """The default (the authors' rule): p(k) proportional to 2^(HI-k) (chi-square), so each
+    bucket receives the same expected number of tokens from the random picks."""
+    counts = _long_picks("equal_tokens")
+    p = np.exp2(HI - np.arange(LO, HI + 1))
+    p /= p.sum()
+    assert chisq_pvalue(counts, counts.sum() * p) > 1e-3, counts
+    assert np.all(counts > 0)  # the picks reach every bucket, the point of drawing them
+    assert long_doc_probs(LO, HI) == pytest.approx(p, rel=1e-15)
+    assert split_document(5000, LO, HI, np.random.default_rng(3)) == \
+        split_document(5000, LO, HI, np.random.default_rng(3), "equal_tokens")
+    tokens = counts * np.exp2(np.arange(LO, HI + 1))  # equal in expectation: within 15% here
+    assert np.all(np.abs(tokens / tokens.mean() - 1) < 0.15), tokens
+
+
+def test_long_documents_uniform_rule_draws_sizes_uniformly():
+    """data.long_doc_rule=uniform: each size is a uniform draw over the buckets (chi-square)."""
+    counts = _long_picks("uniform")
     n = len(counts)
-    assert chisq_pvalue(counts, np.full(n, len(picks) / n)) > 1e-3, counts
-    # and the random picks reach every bucket, the point of drawing them
+    assert chisq_pvalue(counts, np.full(n, counts.sum() / n)) > 1e-3, counts
     assert np.all(counts > 0)
+    with pytest.raises(ValueError, match="long_doc_rule"):
+        split_document(5000, LO, HI, np.random.default_rng(0), "bogus")
+
+
+def test_uniform_rule_keeps_its_draws_and_folder():
+    """uniform draws exactly what kiln drew before the rule existed (integers over the range),
+    and keeps the folder name, so caches built then stay valid; equal_tokens has its own."""
+    rng_a, rng_b = np.random.default_rng(7), np.random.default_rng(7)
+    got = split_document(1 << 11, LO, HI, rng_a, "uniform")
+    left, want = 1 << 11, []
+    while left >= 1 << LO:
+        k = left.bit_length() - 1
+        k = int(rng_b.integers(LO, HI + 1)) if k > HI else k
+        want.append(k)
+        left -= 1 << k
+    assert got == want
+    assert bucket_dir("p", (LO, HI), 0, "uniform").name == "decompose-b03-07-s0"
+    assert bucket_dir("p", (LO, HI), 0).name == "decompose-b03-07-s0-eq"
 
 
 def test_random_split_is_seeded():
