@@ -1,5 +1,4 @@
 """FLOP and parameter counts: the one formula that MFU, the decomposition metrics and the benches use."""
-from torch import nn
 
 from kiln.model.config import ModelConfig
 
@@ -49,6 +48,6 @@ def param_count(cfg: ModelConfig) -> int:
     return cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2) + layers + d
 
 
-def count_params(model: nn.Module) -> int:
+def count_params(model) -> int:
     """Trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -32,10 +32,7 @@ import yaml
 
 from kiln.data.errors import storage_message
 from kiln.infer.checkpoint_manifest import ManifestError, verify_manifest, write_manifest
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used with this recipe; the message is one line."""
+from kiln.trainer.errors import CheckpointError  # noqa: F401 (defined without torch, for the CLI)
 
 
 def ckpt_root(run_dir: Path) -> Path:

@@ -4,7 +4,7 @@ and user errors mapped to exit codes."""
 import argparse
 import sys
 
-from kiln.trainer.checkpoint import CheckpointError
+from kiln.trainer.errors import CheckpointError
 from kiln.trainer.commands import COMMANDS
 from kiln.trainer.config import ConfigError, did_you_mean
 

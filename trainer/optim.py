@@ -2,7 +2,6 @@
 import math
 from dataclasses import dataclass, field
 
-import torch
 
 
 @dataclass
@@ -50,7 +49,7 @@ def lr_lambda(step: int, warmup: int, total: int, decay: str, min_ratio: float,
     return min_ratio + (1 - min_ratio) * shape
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float):
+def param_groups(model, weight_decay: float):
     """Matrices decay; norms, biases and embeddings don't."""
     decay, keep = [], []
     for name, p in model.named_parameters():
