@@ -6,8 +6,14 @@ Every point-to-point send made by TokenRing or Ring Attention is recorded here, 
   "backward" = towards lower ranks (r -> r-1).
 The closed forms below are the exact totals over all ranks of one call; docs/tokenring.md
 derives them and tests/parallel/test_tokenring.py checks the counters against them.
+
+Ulysses' all-to-alls are counted by the same two directions: the chunk a rank sends to a
+higher rank is "forward", to a lower rank "backward" (its own chunk stays and is not counted).
+Under activation checkpointing a block's forward runs again inside the backward pass; its
+messages are really sent again, then, and `recomputing()` files them under "bwd".
 """
 from collections import defaultdict
+from contextlib import contextmanager
 
 FORWARD, BACKWARD = "forward", "backward"
 PHASES, DIRECTIONS = ("fwd", "bwd"), (FORWARD, BACKWARD)
@@ -24,11 +30,24 @@ class CommStats:
         self._bytes = defaultdict(int)
         self._messages = defaultdict(int)
         self.wait_s = 0.0  # host time blocked in Exchange.wait (exposed communication)
+        self._recompute_depth = 0
+
+    @contextmanager
+    def recomputing(self):
+        """While active, forward-pass messages count as backward-pass ones (they are sent
+        during the backward, by a checkpointed forward being recomputed)."""
+        self._recompute_depth += 1
+        try:
+            yield
+        finally:
+            self._recompute_depth -= 1
 
     def record(self, phase: str, direction: str, nbytes: int) -> None:
         """Count one message of `nbytes` sent in `phase` towards `direction`."""
         if phase not in PHASES or direction not in DIRECTIONS:
             raise ValueError(f"unknown phase/direction {phase!r}/{direction!r}")
+        if self._recompute_depth and phase == "fwd":
+            phase = "bwd"
         self._bytes[phase, direction] += int(nbytes)
         self._messages[phase, direction] += 1
 
@@ -72,9 +91,18 @@ def expected_bytes(impl: str, *, world: int, batch: int, s_local: int, hq: int, 
         # Backward: Q, dO, lse, delta (+ doc ids) travel; the partial dQ returns.
         return {"fwd": {BACKWARD: t * (hq * d * e + i), FORWARD: t * hq * (d * e + f)},
                 "bwd": {BACKWARD: t * (hq * (2 * d * e + 2 * f) + i), FORWARD: t * hq * d * f}}
+    if impl == "ulysses":
+        # Contiguous shards; each of the N ranks keeps 1/N of every all-to-all and sends the
+        # rest, half of it (summed over ranks) each way. Forward: q, k, v, then the output
+        # (q-sized); backward: dout, then dq, dk, dv. Doc ids are all-gathered once per call.
+        s = world * s_local
+        per = batch * s * (2 * hq + 2 * hkv) * d * e * (world - 1) // world  # all ranks
+        docs = world * (world - 1) * batch * s_local * i
+        return {"fwd": {FORWARD: (per + docs) // 2, BACKWARD: (per + docs) // 2},
+                "bwd": {FORWARD: per // 2, BACKWARD: per // 2}}
     if impl == "ring":
         # K, V (+ doc ids) travel; backward adds full dK/dV accumulators on N-1 hops per shard.
         kv = t * (2 * hkv * d * e + i)
         acc = world * (world - 1) * s_local * batch * 2 * hkv * d * f
         return {"fwd": {BACKWARD: kv, FORWARD: 0}, "bwd": {BACKWARD: kv + acc, FORWARD: 0}}
-    raise ValueError(f"unknown sequence-parallel impl {impl!r}; use 'tokenring' or 'ring'")
+    raise ValueError(f"unknown sequence-parallel impl {impl!r}; use 'tokenring', 'ring' or 'ulysses'")

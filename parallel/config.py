@@ -17,8 +17,9 @@ class ParallelConfig:
     sp: int = field(default=1, metadata={
         "help": "sequence-parallel ranks per sequence (1 = off)", "min": 1})
     sp_impl: str = field(default="tokenring", metadata={
-        "help": "sequence-parallel attention: tokenring (Q moves) or ring (K/V move)",
-        "choices": ["tokenring", "ring"]})
+        "help": "sequence-parallel attention: tokenring (Q moves), ring (K/V move) or ulysses "
+                "(DeepSpeed-Ulysses: all-to-all over heads; needs heads and kv heads divisible by sp)",
+        "choices": ["tokenring", "ring", "ulysses"]})
     sp_min_len: int = field(default=0, metadata={
         "help": "data.packing=decompose with sp > 1: buckets at least this long run sequence-parallel, "
                 "shorter ones data-parallel over all ranks (0 = every bucket sequence-parallel)", "min": 0})
@@ -41,7 +42,7 @@ class ParallelConfig:
         "help": "with placement=auto: rank 0 solves in a background thread while training goes on; "
                 "the experts migrate at the first log_every step after it finishes"})
     placement_min_balance: float = field(default=0.95, metadata={
-        "help": "with placement_refine: each layer keeps balancedness >= min(this, its ILP value)",
+        "help": "with placement_refine or moe_dedup: each layer keeps balancedness >= min(this, its ILP value)",
         "min": 0, "max": 1})
     profile_every: int = field(default=0, metadata={
         "help": "save a routing profile (counts since the last one) every this many steps, 0 = off",

@@ -1,8 +1,9 @@
 """Sequence parallelism applied to a model from outside it.
 
 The model's attention modules expose a replaceable `attn_fn(q, k, v, *, causal, scale, doc_ids)`;
-`apply_sequence_parallel` swaps in TokenRing (or Ring) over the sequence group. Batches are cut
-into zigzag shards by `shard_batch`, and `token_share` rescales each rank's mean loss so that
+`apply_sequence_parallel` swaps in TokenRing, Ring or DeepSpeed-Ulysses over the sequence group.
+Batches are cut by `shard_batch` into zigzag shards (the rings' causal balance) or, for Ulysses,
+contiguous ones (DeepSpeed joins the shards in rank order; see parallel/ulysses.py), and `token_share` rescales each rank's mean loss so that
 the average over the group is the mean over the whole sequence's tokens. `SequenceLayout` puts
 the two together for a training run: the trainer hands it every batch and never asks whether
 sequence parallelism is on.
@@ -14,17 +15,31 @@ from kiln.parallel.comm import COMM_STATS
 from kiln.parallel.ring import ring_attention
 from kiln.parallel.sequence_switch import SequenceSwitch
 from kiln.parallel.tokenring import tokenring_attention
+from kiln.parallel.ulysses import UlyssesAttention
 from kiln.parallel.zigzag import zigzag_shard
 
 IMPLS = {"tokenring": tokenring_attention, "ring": ring_attention}
+LAYOUTS = {"tokenring": "zigzag", "ring": "zigzag", "ulysses": "contiguous"}  # how shard_batch cuts
 
 
-def apply_sequence_parallel(model: torch.nn.Module, group, impl: str = "tokenring") -> int:
-    """Route every attention module's `attn_fn` through `impl` over `group`; returns how many."""
+def _attn_fn(group, impl: str):
+    if impl == "ulysses":
+        return UlyssesAttention(group)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown sequence-parallel impl {impl!r}; use one of {sorted(LAYOUTS)}")
     ring_fn = IMPLS[impl]
 
     def attn_fn(q, k, v, *, causal, scale=None, doc_ids=None):
         return ring_fn(q, k, v, group=group, causal=causal, softmax_scale=scale, doc_ids=doc_ids)
+
+    return attn_fn
+
+
+def apply_sequence_parallel(model: torch.nn.Module, group, impl: str = "tokenring") -> int:
+    """Route every attention module's `attn_fn` through `impl` over `group`; returns how many.
+
+    Shard the batches with shard_batch(batch, group, LAYOUTS[impl])."""
+    attn_fn = _attn_fn(group, impl)
 
     count = 0
     for module in model.modules():
@@ -36,13 +51,25 @@ def apply_sequence_parallel(model: torch.nn.Module, group, impl: str = "tokenrin
     return count
 
 
-def shard_batch(batch: dict, group) -> dict:
-    """This rank's zigzag shard (along the sequence, dim 1) of every [B, S] tensor of a batch.
+def contiguous_shard(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+    """This rank's contiguous 1/N of x along `dim` (Ulysses' layout; a new contiguous tensor)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if x.shape[dim] % world:
+        raise ValueError(f"sequence length {x.shape[dim]} is not divisible by the {world} "
+                         f"sequence-parallel ranks; choose a multiple of {world}")
+    n = x.shape[dim] // world
+    return x.narrow(dim, rank * n, n).contiguous()
+
+
+def shard_batch(batch: dict, group, layout: str = "zigzag") -> dict:
+    """This rank's shard (along the sequence, dim 1) of every [B, S] tensor of a batch, in
+    `layout`: "zigzag" (TokenRing, Ring) or "contiguous" (Ulysses), see LAYOUTS.
 
     Position ids and document ids are sharded with the tokens, so RoPE and document masks see
     the global positions and documents that cross a shard boundary stay whole.
     """
-    return {k: zigzag_shard(v, group, dim=1) for k, v in batch.items()}
+    cut = zigzag_shard if layout == "zigzag" else contiguous_shard
+    return {k: cut(v, group, dim=1) for k, v in batch.items()}
 
 
 class SequenceLayout:
@@ -56,7 +83,7 @@ class SequenceLayout:
 
     def __init__(self, model: torch.nn.Module, group, impl: str = "tokenring", ring_for=None):
         apply_sequence_parallel(model, group, impl)
-        self.group, self.ring_for = group, ring_for
+        self.group, self.ring_for, self.shard_layout = group, ring_for, LAYOUTS[impl]
         self.switch = SequenceSwitch(model) if ring_for is not None else None
 
     def __call__(self, batch: dict) -> dict:
@@ -65,7 +92,7 @@ class SequenceLayout:
             self.switch.on = bool(self.ring_for(batch["input_ids"].shape[1]))
             if not self.switch.on:
                 return batch
-        return shard_batch(batch, self.group)
+        return shard_batch(batch, self.group, self.shard_layout)
 
 
 def token_share(labels: torch.Tensor, group, ignore_index: int = -100) -> torch.Tensor:
@@ -81,7 +108,8 @@ def token_share(labels: torch.Tensor, group, ignore_index: int = -100) -> torch.
 
 
 def comm_metrics(steps: int) -> dict:
-    """Bytes sent per step by this rank's ring attention since the last call, per direction."""
+    """Bytes sent per step by this rank's sequence-parallel attention since the last call, per
+    phase and direction (Ulysses' all-to-alls too: comm.py says how they are split)."""
     snap = COMM_STATS.snapshot()
     COMM_STATS.reset()
     out = {}
