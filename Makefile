@@ -4,19 +4,32 @@ VENV ?= .venv
 # The local CPU build on dev machines; GPU clusters override, e.g. TORCH_SPEC="torch==2.13.0 --index-url ..."
 TORCH_SPEC ?= torch==2.13.0
 RECIPE ?= recipes/tiny.yaml
+# The versions the tests passed with (all but kiln, torch and triton: TORCH_SPEC picks the build)
+CONSTRAINTS ?= constraints.txt
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
+# TORCH_SPEC as last installed: rewritten only when it changes, so a new spec reinstalls
+SPEC := $(VENV)/.kiln-torch-spec
 
-.PHONY: train test bench venv clean wheelhouse gpu-check slurm-up slurm-down
+.PHONY: train test bench venv clean wheelhouse gpu-check slurm-up slurm-down constraints FORCE
 
-$(STAMP): pyproject.toml
+$(SPEC): FORCE
+	@mkdir -p $(VENV)
+	@if [ "$$(cat $@ 2>/dev/null)" != '$(TORCH_SPEC)' ]; then echo '$(TORCH_SPEC)' > $@; fi
+
+$(STAMP): pyproject.toml $(CONSTRAINTS) $(SPEC)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip setuptools wheel
 	$(BIN)/pip install $(TORCH_SPEC)
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -c $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# After an upgrade the tests pass with: pin the venv's versions (the header comment is kept)
+constraints: $(STAMP)
+	{ grep '^#' $(CONSTRAINTS); $(BIN)/pip freeze --exclude-editable | grep -v '^kiln==\|^torch==\|^triton=='; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 train: $(STAMP)
 	$(BIN)/kiln train $(RECIPE) $(ARGS)
