@@ -43,6 +43,11 @@ class TrainConfig:
                 "the steps ahead win the compile time back, by measured step times "
                 "(kiln.trainer.compile_policy); true/false = on/off",
         "choices": ["auto", "on", "off"], "aliases": {True: "on", False: "off"}})
+    activation_checkpointing: str = field(default="none", metadata={
+        "help": "recompute activations in the backward instead of keeping them: none; full (each "
+                "transformer block keeps only its input); selective (the attention core and the MLP's "
+                "inner activations are recomputed, the projections kept). Same gradients; see docs/trainer.md",
+        "choices": ["none", "full", "selective"]})
 
     def validate(self):
         """train.name is one folder inside run_root: `..`, `.`, a path or an absolute name would put

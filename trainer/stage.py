@@ -14,6 +14,7 @@ import torch.distributed as dist
 from kiln.model import Transformer
 from kiln.parallel.apply import parallelize
 from kiln.trainer import checkpoint, compile_policy
+from kiln.trainer.activation_checkpointing import apply_activation_checkpointing
 from kiln.trainer.batches import held_out_batches, ring_for, train_batches
 from kiln.trainer.config import check_vocab, to_dict
 from kiln.trainer.engine import build_engine, grad_norm
@@ -75,6 +76,7 @@ class Stage:
         placement = grown.placement if grown is not None else \
             start_placement(recipe, self.model_cfg, run.run_dir, run.resume)
         self.layout = parallelize(self.model, mesh, recipe.parallel, ring_for=ring_for(recipe), placement=placement)
+        apply_activation_checkpointing(self.model, recipe.train.activation_checkpointing)  # wraps the parallel seams
         self.compiled = compile_policy.choose(self)  # train.compile: on, off, or auto's measured decision
         if self.compiled:
             self.model.compile_blocks()
