@@ -62,6 +62,10 @@ class DataConfig:
         "help": "share of the training split's text made of synthetic key-value needle documents "
                 "(kiln.data.needles: a needle line in a slice of a real document, queried at its end; fixed "
                 "seed, so every objective sees the same data), 0 = none", "min": 0, "lt": 1, "zero": "0 = none"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "let Hugging Face `datasets` run a hub dataset's own loading script (code from the "
+                "dataset's repository); false = never (kiln passes it explicitly; datasets >= 4 runs no "
+                "scripts at all)"})
     num_workers: int = field(default=2, metadata={
         "help": "worker processes tokenising during `kiln prepare` (0 = this process, using the "
                 "tokenizers library's own threads)", "min": 0, "zero": "0 = tokenise in this process"})

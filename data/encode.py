@@ -73,6 +73,8 @@ class Encoder:
 
     def __init__(self, tokenizer_json: str, eot: int, dtype, num_workers: int):
         self.eot, self.dtype = eot, dtype
+        # more workers than cores only costs memory (a recipe from a bigger machine, or a typo of 1e6)
+        num_workers = min(num_workers, os.cpu_count() or 1)
         if num_workers > 0:
             self._pool: Executor = ProcessPoolExecutor(
                 num_workers, mp_context=get_context("spawn"), initializer=_init_worker,

@@ -13,7 +13,8 @@ class DataError(Exception):
 
 _STORAGE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
             errno.EFBIG: "file too large for this file system or limit",
-            errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+            errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted"}
 
 
 def storage_message(e: OSError) -> str | None:
@@ -23,5 +24,9 @@ def storage_message(e: OSError) -> str | None:
     if why is None:
         return None
     where = f" {e.filename}" if e.filename else ""
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # no space to free: the folder refuses writes
+        return (f"writing{where} failed: {why}: the folder is not writable: make it writable (chmod, "
+                "remount) or point data.cache_dir / train.run_root at a writable folder, then run the "
+                "same command again (what was saved before is kept)")
     return (f"writing{where} failed: {why}: free space or point data.cache_dir / train.run_root "
             "elsewhere, then run the same command again (what was saved before is kept)")

@@ -248,10 +248,11 @@ def _finish(p: Prepared, cfg: DataConfig, progress: bool, repair: bool) -> Prepa
 
 def _check_seq_len(p: Prepared, cfg: DataConfig) -> Prepared:
     for split, tokens in (("training", p.train_tokens), ("held-out", p.valid_tokens)):
-        if tokens < cfg.seq_len + 1:
+        if tokens < cfg.seq_len + 1:  # a small training split needs a smaller held-out share, not a bigger one
+            share = "raise" if split == "held-out" else "lower"
             raise DataError(f"the {split} split has {tokens} tokens, fewer than data.seq_len+1="
-                            f"{cfg.seq_len + 1}: lower data.seq_len, raise data.heldout_percent, or "
-                            "add documents")
+                            f"{cfg.seq_len + 1}: lower data.seq_len, {share} data.heldout_percent "
+                            f"(now {cfg.heldout_percent}), or add documents")
     return p
 
 

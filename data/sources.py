@@ -227,11 +227,25 @@ def hub_corpus(cfg: DataConfig, progress: bool = True) -> DatasetsCorpus:
     datasets = _datasets(progress)
     try:
         ds = datasets.load_dataset(name, config or None, split="train",
-                                   cache_dir=str(Path(cfg.cache_dir) / "hf"))
+                                   cache_dir=str(Path(cfg.cache_dir) / "hf"), **remote_code_kwargs(cfg, datasets))
     except Exception as e:
         raise DataError(f"cannot load hub dataset {name!r} ({_first_line(e)}): check the name, "
                         "config and network, or use a local path") from None
     return DatasetsCorpus(cfg.source, [(ds, cfg.text_field)], cfg.max_documents)
+
+
+def remote_code_kwargs(cfg: DataConfig, datasets) -> dict:
+    """load_dataset's trust_remote_code, always explicit: datasets 2.x/3.x run a repository's loading
+    script when it is true (2.x asked, or ran it, by default); datasets >= 4 has no scripts and would
+    only log an error for it, so a recipe that asks for one gets one line instead."""
+    major = int(datasets.__version__.split(".")[0])
+    if major < 4:
+        return {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.trust_remote_code:
+        raise DataError(f"data.trust_remote_code=true, but datasets {datasets.__version__} runs no dataset "
+                        "loading scripts (removed in datasets 4): use a dataset in a plain format (parquet, "
+                        "jsonl, text) and set data.trust_remote_code=false")
+    return {}
 
 
 def _unreadable(kind: str, group: list, e: BaseException) -> str:

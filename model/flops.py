@@ -51,3 +51,25 @@ def param_count(cfg: ModelConfig) -> int:
 def count_params(model) -> int:
     """Trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def train_memory_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, dp: int = 1, zero_stage: int = 0,
+                       ep: int = 1) -> dict:
+    """A rough lower bound of one rank's training memory, in bytes, by part: fp32 weights, grads
+    and AdamW's two moments (16 bytes a parameter; ZeRO shards the moments from stage 1, the grads
+    from 2 and the weights at 3 over `dp` ranks; MoE experts over `ep`), and the activations kept
+    for the backward pass (about 16 fp32 values of width `dim` per token and layer, plus the fp32
+    logits and their gradient). Meant to refuse a recipe that cannot fit, not to plan one that can."""
+    params = param_count(cfg)
+    if cfg.mlp == "moe" and ep > 1:  # each rank holds 1/ep of the routed experts
+        width = cfg.moe.expert_ffn_dim or cfg.hidden_dim
+        experts = cfg.moe_layers * cfg.moe.num_experts * 3 * cfg.dim * width
+        params -= experts - experts // ep
+    shard = max(1, dp)
+    weights = 4 * params / (shard if zero_stage >= 3 else 1)
+    grads = 4 * params / (shard if zero_stage >= 2 else 1)
+    moments = 8 * params / (shard if zero_stage >= 1 else 1)
+    tokens = micro_batch * seq_len
+    activations = 4 * tokens * (16 * cfg.dim * cfg.n_layers + 2 * cfg.vocab_size)
+    parts = {"weights": weights, "grads": grads, "optimizer": moments, "activations": activations}
+    return {k: int(v) for k, v in parts.items()}

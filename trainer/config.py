@@ -227,6 +227,7 @@ def parse_overrides(overrides) -> dict:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value")
         key, raw = item.split("=", 1)
+        check_yaml_size(raw, f"override '{key}'")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -259,14 +260,93 @@ def _yaml_problem(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+# A recipe is a few hundred lines; these bounds stop a hostile one (a "billion laughs" of nested
+# aliases expands to 10^9 nodes from a few hundred bytes) before anything expands it.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000
+
+
+MAX_RECIPE_DEPTH = 100
+
+
+def _nesting(text: str) -> int:
+    """An upper bound of a YAML text's nesting depth: the deepest flow brackets ([ {) outside quotes,
+    or the widest indentation, whichever is larger."""
+    deepest = depth = 0
+    for line in text.splitlines():
+        deepest = max(deepest, len(line) - len(line.lstrip(" ")))
+        quote = ""
+        for ch in line:
+            if quote:
+                quote = "" if ch == quote else quote
+            elif ch in "'\"":
+                quote = ch
+            elif ch == "#":
+                break
+            elif ch in "[{":
+                depth += 1
+                deepest = max(deepest, depth)
+            elif ch in "]}":
+                depth = max(0, depth - 1)
+    return deepest
+
+
+def _expanded_nodes(node, memo: dict, depth: int = 0) -> int:
+    """Nodes of a composed YAML tree counted as if every alias were expanded (each shared node is
+    counted once per reference, computed once); a self-referencing alias counts as unbounded."""
+    key = id(node)
+    if key in memo:
+        if memo[key] is None:  # still being counted: the node contains itself
+            return MAX_RECIPE_NODES + 1
+        return memo[key]
+    if depth > 200:
+        return MAX_RECIPE_NODES + 1
+    memo[key] = None
+    n = 1
+    if isinstance(node, yaml.SequenceNode):
+        n += sum(_expanded_nodes(c, memo, depth + 1) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        n += sum(_expanded_nodes(k, memo, depth + 1) + _expanded_nodes(v, memo, depth + 1) for k, v in node.value)
+    memo[key] = n = min(n, MAX_RECIPE_NODES + 1)
+    return n
+
+
+def check_yaml_size(text: str, what: str):
+    """ConfigError if YAML `text` is too big, or would expand (aliases) past MAX_RECIPE_NODES; its
+    composed root node (None when it is not valid YAML: the loader then reports where)."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{what} is {len(text):,} characters, more than a recipe needs "
+                          f"({MAX_RECIPE_BYTES:,} at most): is it the right file?")
+    if _nesting(text) > MAX_RECIPE_DEPTH:  # PyYAML composes recursively: refuse before the stack runs out
+        raise ConfigError(f"{what} nests lists or mappings too deeply for a recipe (more than "
+                          f"{MAX_RECIPE_DEPTH} levels): flatten it")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None  # the loader reports the syntax error with its line and column
+    except RecursionError:  # PyYAML composes nested flow collections recursively
+        raise ConfigError(f"{what} nests lists or mappings too deeply for a recipe: flatten it") from None
+    if node is not None and _expanded_nodes(node, {}) > MAX_RECIPE_NODES:
+        raise ConfigError(f"{what} expands to more than {MAX_RECIPE_NODES:,} values through YAML aliases "
+                          "(&anchor / *alias), or refers to itself: write the values out, or use fewer aliases")
+    return node
+
+
 def load_yaml(path) -> dict:
     """Read a recipe file into a plain dict (interpolations resolved)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe file '{path}' not found: pass a path such as recipes/tiny.yaml")
     try:
-        if not p.read_text().strip():
+        if p.stat().st_size > MAX_RECIPE_BYTES:
+            raise ConfigError(f"recipe '{path}' is {p.stat().st_size:,} bytes, more than a recipe needs "
+                              f"({MAX_RECIPE_BYTES:,} at most): is it the right file?")
+        text = p.read_text()
+        if not text.strip():
             raise ConfigError(f"recipe '{path}' is empty: start from recipes/tiny.yaml")
+        node = check_yaml_size(text, f"recipe '{path}'")
+        if node is not None and not isinstance(node, yaml.MappingNode):
+            raise ConfigError(f"recipe '{path}' must be a mapping of sections (model:, data:, ...)")
         conf = OmegaConf.load(p)
         data = OmegaConf.to_container(conf, resolve=True)
     except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as e:
@@ -307,10 +387,42 @@ def upgrade_moved(values: dict, saved: bool) -> dict:
     return values
 
 
+# DeepSpeed's batch keys -> the kiln knob that owns each: kiln writes the batch part of DeepSpeed's
+# config itself, so a raw key there would contradict it (and fail inside DeepSpeed's engine).
+DEEPSPEED_BATCH_KEYS = {"train_batch_size": "global_batch", "train_micro_batch_size_per_gpu": "micro_batch",
+                        "gradient_accumulation_steps": "grad_accum"}
+
+
+def adopt_deepspeed_batch(values: dict) -> dict:
+    """deepspeed.train_batch_size / train_micro_batch_size_per_gpu / gradient_accumulation_steps, as a
+    DeepSpeed user writes them, become train.global_batch / micro_batch / grad_accum (the same
+    meaning: sequences per step over all ranks, per rank per micro-step, micro-steps per step);
+    one line where the kiln knob is also set to another value."""
+    ds = values.get("deepspeed")
+    if not isinstance(ds, dict) or not any(k in ds for k in DEEPSPEED_BATCH_KEYS):
+        return values
+    train = values.get("train") if isinstance(values.get("train"), dict) else {}
+    train = dict(train)
+    for key, knob in DEEPSPEED_BATCH_KEYS.items():
+        if key not in ds:
+            continue
+        value = ds[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"deepspeed.{key} must be a positive int, got {value!r}: kiln sets it from "
+                              f"train.{knob}, so set that instead (--set train.{knob}=N)")
+        if knob in train and train[knob] != value:
+            raise ConfigError(f"deepspeed.{key}={value} contradicts train.{knob}={train[knob]}: kiln sets "
+                              f"deepspeed.{key} from train.{knob}, so remove deepspeed.{key}")
+        train[knob] = value
+    # with train_batch_size, kiln derives grad_accum at the run's rank count and checks that a given
+    # gradient_accumulation_steps agrees (trainer/batches.py::derive_grad_accum)
+    return dict(values, train=train, deepspeed={k: v for k, v in ds.items() if k not in DEEPSPEED_BATCH_KEYS})
+
+
 def from_dict(values: dict, saved: bool = False) -> Recipe:
     """Validate a plain dict into a Recipe (raises ConfigError). saved: a recipe kiln wrote
     itself (a run dir's or a checkpoint's), whose moved keys are upgraded."""
-    recipe = _build(Recipe, upgrade_moved(values, saved), "")
+    recipe = _build(Recipe, adopt_deepspeed_batch(upgrade_moved(values, saved)), "")
     _check_combination(recipe)
     return recipe
 

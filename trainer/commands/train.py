@@ -7,7 +7,8 @@ from pathlib import Path
 
 from kiln.trainer.checkpoint import latest_tag
 from kiln.trainer.commands.common import prepare_data, print_where, with_recipe, writable_dir
-from kiln.trainer.config import check_vocab, from_dict, load_recipe, to_dict, to_yaml
+from kiln.trainer.commands.console_log import ConsoleLog
+from kiln.trainer.config import ConfigError, check_vocab, from_dict, load_recipe, to_dict, to_yaml
 from kiln.trainer.run_dir import after_failed_launch, prepare_run_dir
 
 
@@ -17,6 +18,8 @@ def add_parser(sub) -> None:
     t.add_argument("--nproc", type=int, help="local ranks (overrides train.nproc)")
     t.add_argument("--no-resume", action="store_true",
                    help="start over: an existing run dir is moved aside, not deleted")
+    t.add_argument("--no-memory-check", action="store_true",
+                   help="start even when the estimated training memory exceeds this machine's")
 
 
 def run(args) -> int:
@@ -41,22 +44,78 @@ def run(args) -> int:
         return 0  # already finished: start no ranks
     if launched:
         return _train_in_world(recipe, run_dir)
+    if not args.no_memory_check:
+        check_memory(recipe)
     data = prepare_data(recipe)
     check_vocab(recipe.model.vocab_size, data.vocab_size)  # here, not in every rank's traceback
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
-    print(f"kiln: run dir {run_dir}, {recipe.train.nproc} local ranks", flush=True)
-    started = time.time()
-    rc = launch.launch_local(recipe.train.nproc, run_dir, data.dir, recipe.train.device)
-    if rc != 0:  # every rank has exited: a save this run began and did not finish can go
-        after_failed_launch(run_dir, started)
-    if rc == 0:
-        print_where(run_dir, recipe)
-    elif rc == 130:
-        tag = latest_tag(run_dir)
-        kept = f"the newest checkpoint, {tag}, is kept" if tag else "no checkpoint was saved yet"
-        print(f"kiln: interrupted; {kept}: run the same command to resume", file=sys.stderr)
+    with ConsoleLog(run_dir):
+        (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
+        # the ranks import DeepSpeed and build the model and the engine before the first step's line:
+        # tens of seconds with no output otherwise
+        print(f"kiln: run dir {run_dir}, {recipe.train.nproc} local ranks; starting them (importing "
+              "DeepSpeed, building the model and the engine: the first step can take a while)", flush=True)
+        started = time.time()
+        rc = launch.launch_local(recipe.train.nproc, run_dir, data.dir, recipe.train.device)
+        if rc != 0:  # every rank has exited: a save this run began and did not finish can go
+            after_failed_launch(run_dir, started)
+        if rc == 0:
+            print_where(run_dir, recipe)
+        elif rc == 130:
+            tag = latest_tag(run_dir)
+            kept = f"the newest checkpoint, {tag}, is kept" if tag else "no checkpoint was saved yet"
+            print(f"kiln: interrupted; {kept}: run the same command to resume", file=sys.stderr)
     return rc
+
+
+def check_memory(recipe) -> None:
+    """Refuse, in one line, a recipe whose estimated training memory (weights, grads, AdamW moments,
+    activations: kiln.model.flops.train_memory_bytes) exceeds this machine's: the ranks would
+    otherwise be killed by the OOM killer, or trace, after minutes of data preparation."""
+    import dataclasses
+
+    from kiln.model.flops import train_memory_bytes
+    from kiln.trainer.stages import resolved_vocab
+
+    r = recipe
+    model = dataclasses.replace(r.model, vocab_size=resolved_vocab(r))
+    per_rank = train_memory_bytes(model, r.train.micro_batch, r.data.seq_len, r.train.nproc // r.parallel.sp,
+                                  r.parallel.zero_stage, r.parallel.ep)
+    need = sum(per_rank.values())
+    have, where = _device_memory(r.train.device)
+    if have is None:
+        return
+    if where == "this machine":  # CPU ranks share it
+        need *= r.train.nproc
+    if need > have:
+        parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in per_rank.items())
+        raise ConfigError(f"the model ({model.dim=}, {model.n_layers=}) needs about {need / 2**30:,.1f} GiB to "
+                          f"train ({r.train.nproc} ranks x [{parts}] GiB), more than the {have / 2**30:,.1f} GiB "
+                          f"of {where}: shrink model.dim / n_layers / train.micro_batch / data.seq_len, raise "
+                          "parallel.zero_stage, or pass --no-memory-check to start anyway")
+
+
+def _device_memory(device: str) -> tuple[int | None, str]:
+    """(bytes, what): one GPU's memory when the ranks use CUDA, else the machine's (cgroup limit included)."""
+    import os
+
+    if device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory, "one GPU"
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None, ""
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            have = min(have, int(text))
+    return have, "this machine"
 
 
 def _train_in_world(recipe, run_dir: Path) -> int:
