@@ -6,9 +6,11 @@ on the device and without synchronising,
   * load[l, e]       token-choices routed to expert e of MoE layer l;
   * trans[l, e, f]   pairs (choice e in layer l, choice f in layer l+1) of the same token, all k*k
                      of them (kiln.parallel.placement.io's convention);
+  * coselect[l, e, f] ordered pairs of distinct choices e, f of one token in layer l (what dedup
+                     dispatch co-locates);
 choices dropped by a capacity limit (expert_idx == E) are not counted. Two windows run side by
 side: one for the logged metrics (reset at each log), one for the saved profile (reset at each
-save). The cost per step is two bincounts per layer. `snapshot` sums the counts over all ranks.
+save). The cost per step is three bincounts per layer. `snapshot` sums the counts over all ranks.
 """
 from pathlib import Path
 
@@ -29,6 +31,7 @@ class _Counts:
         self.load = torch.zeros(layers, experts, dtype=torch.long, device=device)
         self.trans = torch.zeros(max(layers - 1, 0), experts * experts, dtype=torch.long, device=device)
         self.tokens = torch.zeros((), dtype=torch.long, device=device)
+        self.co = torch.zeros(layers, experts * experts, dtype=torch.long, device=device)
 
 
 class RoutingProfiler:
@@ -69,10 +72,16 @@ class RoutingProfiler:
                 a, b = self._prev[:, :, None], idx[:, None, :]
                 pairs = torch.where((a < E) & (b < E), a * E + b, E * E)  # drops -> discarded bin
                 trans = torch.bincount(pairs.reshape(-1), minlength=E * E + 1)[:E * E]
+            k = idx.shape[1]
+            a, b = idx[:, :, None], idx[:, None, :]
+            other = ~torch.eye(k, dtype=torch.bool, device=idx.device)        # distinct choices
+            pairs = torch.where((a < E) & (b < E) & other, a * E + b, E * E)
+            co = torch.bincount(pairs.reshape(-1), minlength=E * E + 1)[:E * E]
             self._prev = idx if l + 1 < self.layers else None
             for name in self.WINDOWS:
                 c = self._window(name, idx.device)
                 c.load[l] += load
+                c.co[l] += co
                 if trans is not None:
                     c.trans[l - 1] += trans
                 if l == 0:
@@ -84,12 +93,13 @@ class RoutingProfiler:
         is initialised: every rank must call it); None when nothing was routed."""
         c = self._counts.get(window)
         device = self.blocks[0].router.weight.device
-        flat = torch.zeros(1 + self.layers * self.experts + max(self.layers - 1, 0) * self.experts ** 2,
-                           dtype=torch.float64, device=device)
+        n, nt = self.layers * self.experts, max(self.layers - 1, 0) * self.experts ** 2
+        flat = torch.zeros(1 + n + nt + self.layers * self.experts ** 2, dtype=torch.float64, device=device)
         if c is not None:
             flat[0] = c.tokens.double()
-            flat[1:1 + c.load.numel()] = c.load.reshape(-1).double()
-            flat[1 + c.load.numel():] = c.trans.reshape(-1).double()
+            flat[1:1 + n] = c.load.reshape(-1).double()
+            flat[1 + n:1 + n + nt] = c.trans.reshape(-1).double()
+            flat[1 + n + nt:] = c.co.reshape(-1).double()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flat, group=group)
         if reset:
@@ -97,11 +107,11 @@ class RoutingProfiler:
         flat = flat.cpu().numpy()
         if flat[0] < 1:
             return None
-        n = self.layers * self.experts
-        return RoutingProfile(load=flat[1:1 + n].reshape(self.layers, self.experts),
-                              transitions=flat[1 + n:].reshape(max(self.layers - 1, 0), self.experts,
-                                                               self.experts),
-                              tokens=int(flat[0]), top_k=self.top_k)
+        L, E = self.layers, self.experts
+        return RoutingProfile(load=flat[1:1 + n].reshape(L, E),
+                              transitions=flat[1 + n:1 + n + nt].reshape(max(L - 1, 0), E, E),
+                              tokens=int(flat[0]), top_k=self.top_k,
+                              coselect=flat[1 + n + nt:].reshape(L, E, E))
 
 
 def placement_quality(profile: RoutingProfile, placement: np.ndarray | None, ranks: int) -> dict:

@@ -14,6 +14,11 @@ Counting convention (top-k routing, k >= 1):
     with choices {a, b} in layer l and {c, d} in layer l+1 adds 1 to each of T[l,a,c], T[l,a,d],
     T[l,b,c], T[l,b,d]; so ``transitions[l].sum() == tokens * k * k``. The row sums of T[l] are
     therefore ``k * load[l]`` and the column sums ``k * load[l+1]``.
+  * ``coselect[l, e, f]`` (optional; profiles recorded before it have None) counts the ordered
+    pairs of distinct choices of one token in layer l: a token with choices {a, b} adds 1 to
+    C[l,a,b] and 1 to C[l,b,a]. C[l] is symmetric with a zero diagonal and
+    ``coselect[l].sum() == tokens * k * (k - 1)``. Under dedup dispatch a token's choices that
+    share a rank travel as one row, so these counts are what a training placement co-locates.
 """
 from __future__ import annotations
 
@@ -38,12 +43,15 @@ class RoutingProfile:
     transitions: np.ndarray   # [L-1, E, E] token-choice pairs (e in layer l, f in layer l+1)
     tokens: int               # tokens in the sample
     top_k: int = 1            # experts per token (used only to check the counting convention)
+    coselect: np.ndarray | None = None   # [L, E, E] pairs of one token's choices in one layer
 
     def __post_init__(self):
         self.load = np.asarray(self.load, dtype=np.float64)
         self.transitions = np.asarray(self.transitions, dtype=np.float64)
         self.tokens = int(self.tokens)
         self.top_k = int(self.top_k)
+        if self.coselect is not None:
+            self.coselect = np.asarray(self.coselect, dtype=np.float64)
         self.validate()
 
     @property
@@ -68,6 +76,14 @@ class RoutingProfile:
             raise PlacementError("routing profile holds NaN/inf counts; rebuild the profile")
         if (self.load < 0).any() or (self.transitions < 0).any():
             raise PlacementError("routing profile holds negative counts; rebuild the profile")
+        if self.coselect is not None:
+            c = self.coselect
+            if c.shape != (L, E, E):
+                raise PlacementError(f"routing profile coselect must be [L, E, E] = {(L, E, E)} "
+                                     f"(got {c.shape}); rebuild the profile")
+            if not np.isfinite(c).all() or (c < 0).any():
+                raise PlacementError("routing profile holds NaN/inf or negative co-selection "
+                                     "counts; rebuild the profile")
         if self.tokens < 1 or self.top_k < 1:
             raise PlacementError(f"routing profile needs tokens >= 1 and top_k >= 1 "
                                  f"(got tokens={self.tokens}, top_k={self.top_k})")
@@ -78,6 +94,8 @@ class RoutingProfile:
         h.update(np.ascontiguousarray(self.load, dtype=np.float64).tobytes())
         h.update(np.ascontiguousarray(self.transitions, dtype=np.float64).tobytes())
         h.update(f"{self.tokens},{self.top_k}".encode())
+        if self.coselect is not None:  # absent: the digest of a profile recorded before it
+            h.update(np.ascontiguousarray(self.coselect, dtype=np.float64).tobytes())
         return h.hexdigest()[:16]
 
     def save(self, path: str):
@@ -87,9 +105,10 @@ class RoutingProfile:
             raise PlacementError(f"cannot save routing profile: folder {parent} does not exist; "
                                  f"create it first")
         with open(path, "wb") as f:  # a file object keeps numpy from appending '.npz'
+            extra = {} if self.coselect is None else {"coselect": self.coselect}
             np.savez(f, load=self.load, transitions=self.transitions,
                      tokens=np.int64(self.tokens), top_k=np.int64(self.top_k),
-                     format=np.array("kiln-routing-profile-v1"))
+                     format=np.array("kiln-routing-profile-v1"), **extra)
 
 def _load_profile(cls, path: str) -> "RoutingProfile":
     """Read a profile written by ``save``; one-line PlacementError if missing or corrupt."""
@@ -103,8 +122,9 @@ def _load_profile(cls, path: str) -> "RoutingProfile":
                 raise PlacementError(f"routing profile {path} lacks {sorted(missing)}; "
                                      f"it is not a kiln routing profile, re-record it")
             top_k = int(z["top_k"]) if "top_k" in z.files else 1
+            coselect = z["coselect"] if "coselect" in z.files else None  # older profiles: none
             return cls(load=z["load"], transitions=z["transitions"],
-                       tokens=int(z["tokens"]), top_k=top_k)
+                       tokens=int(z["tokens"]), top_k=top_k, coselect=coselect)
     except PlacementError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError) as e:
@@ -120,18 +140,24 @@ RoutingProfile.load = classmethod(_load_profile)
 
 def synthetic_profile(L: int = 16, E: int = 64, top_k: int = 2, tokens: int = 20000,
                       zipf_a: float = 1.0, correlation: float = 0.5,
-                      seed: int = 0) -> RoutingProfile:
+                      seed: int = 0, together: float = 0.0, group: int = 4) -> RoutingProfile:
     """Sample token routes with Zipf-skewed popularity and cross-layer correlated routes.
 
     Each layer gets a Zipf(``zipf_a``) popularity over a random permutation of its experts, and
     each layer pair a random *partner* map e -> partner(e). A token picks k distinct experts in
     layer 0 from the popularity; in layer l+1 each of its choices e moves to partner(e) with
     probability ``correlation`` (if not already taken), else it samples from layer l+1's
-    popularity. Loads and transitions are counted from the same sampled routes, so they agree.
+    popularity. With ``together`` > 0 each layer's experts also fall into random groups of
+    ``group`` (experts often chosen together, as routers learn): a token's later choices come from
+    its first choice's group with probability ``together`` (by popularity within the group).
+    Loads, transitions and co-selection counts come from the same sampled routes, so they agree.
     """
     if not (L >= 1 and E >= 1 and 1 <= top_k <= E and tokens >= 1):
         raise PlacementError(f"synthetic_profile needs L, E, tokens >= 1 and 1 <= top_k <= E "
                              f"(got L={L}, E={E}, top_k={top_k}, tokens={tokens})")
+    if not (0.0 <= together <= 1.0) or group < 1:
+        raise PlacementError(f"synthetic_profile needs 0 <= together <= 1 and group >= 1 "
+                             f"(got together={together}, group={group})")
     if not (0.0 <= correlation <= 1.0) or zipf_a < 0:
         raise PlacementError(f"synthetic_profile needs 0 <= correlation <= 1 and zipf_a >= 0 "
                              f"(got correlation={correlation}, zipf_a={zipf_a})")
@@ -149,11 +175,18 @@ def synthetic_profile(L: int = 16, E: int = 64, top_k: int = 2, tokens: int = 20
         g[taken] = -np.inf
         return g.argmax(1)
 
+    # groups drawn after everything above, so together=0 keeps the older profiles' random stream
+    groups = np.stack([rng.permutation(E) // group for _ in range(L)]) if together > 0 else None
     choices = np.empty((L, tokens, top_k), dtype=np.int64)
     for l in range(L):
         taken = np.zeros((tokens, E), dtype=bool)
         for j in range(top_k):
             c = pick(l, taken)
+            if groups is not None and j > 0:
+                outside = groups[l][None, :] != groups[l][choices[l, :, 0]][:, None]
+                inner = pick(l, taken | outside)           # -inf everywhere: the group is used up
+                ok = (rng.random(tokens) < together) & ~(taken | outside).all(1)
+                c = np.where(ok, inner, c)
             if l > 0:
                 follow = rng.random(tokens) < correlation
                 p = partner[l - 1][choices[l - 1, :, j]]
@@ -166,7 +199,12 @@ def synthetic_profile(L: int = 16, E: int = 64, top_k: int = 2, tokens: int = 20
     for l in range(L - 1):
         pairs = choices[l][:, :, None] * E + choices[l + 1][:, None, :]
         trans[l] = np.bincount(pairs.ravel(), minlength=E * E).reshape(E, E)
-    return RoutingProfile(load=load, transitions=trans, tokens=tokens, top_k=top_k)
+    co = np.zeros((L, E, E))
+    for l in range(L):
+        pairs = choices[l][:, :, None] * E + choices[l][:, None, :]
+        co[l] = np.bincount(pairs.ravel(), minlength=E * E).reshape(E, E)
+        np.fill_diagonal(co[l], 0.0)                               # a choice with itself
+    return RoutingProfile(load=load, transitions=trans, tokens=tokens, top_k=top_k, coselect=co)
 
 
 def check_placement(placement, L: int, E: int, R: int, max_per_rank_layer: int | None = None,

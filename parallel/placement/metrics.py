@@ -120,6 +120,8 @@ class PlacementMetrics:
     step_time_s: float            # sum of layer_time_s
     comm_time_s: float            # communication part of the slowest ranks, summed over layers
     chain_cost_s: float           # the ILP stage-2 objective of this placement
+    coselect_kept_fraction: float | None = None   # a token's choice pairs on one rank (None:
+    #                                               the profile has no co-selection counts)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,7 +159,20 @@ def evaluate(profile: RoutingProfile, placement, topo: Topology,
         cross_rank_fraction=float(off_rank / total) if total > 0 else 0.0,
         inter_node_fraction=float(off_node / total) if total > 0 else 0.0,
         layer_time_s=layer_t.tolist(), step_time_s=float(layer_t.sum()),
-        comm_time_s=float(comm[np.arange(L), slow].sum()), chain_cost_s=float(chain))
+        comm_time_s=float(comm[np.arange(L), slow].sum()), chain_cost_s=float(chain),
+        coselect_kept_fraction=coselect_kept_fraction(profile, p))
+
+
+def coselect_kept_fraction(profile: RoutingProfile, placement: np.ndarray) -> float | None:
+    """Share of the profile's co-selection pairs (two choices of one token in one layer) whose
+    experts share a rank: what dedup dispatch saves (top_k = 2: rows sent per token and layer =
+    2 - this share). None without co-selection counts or pairs (top_k = 1)."""
+    C = profile.coselect
+    if C is None or C.sum() <= 0:
+        return None
+    p = np.asarray(placement)
+    same = p[:, :, None] == p[:, None, :]
+    return float(C[same].sum() / C.sum())
 
 
 def balance_objective(profile: RoutingProfile, placement: np.ndarray, R: int) -> float:

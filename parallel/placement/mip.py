@@ -1,4 +1,4 @@
-"""HiGHS MIP wrapper and a Hungarian assignment solver, shared by the placement ILP stages."""
+"""HiGHS MIP wrapper and the linear assignment (scipy), shared by the placement ILP stages."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,7 @@ import time
 
 import highspy
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from kiln.parallel.placement.io import PlacementError
 
@@ -92,50 +93,17 @@ def gap(obj: float, bound: float) -> float:
     return max(0.0, (obj - bound) / abs(obj))
 
 
-def hungarian(cost: np.ndarray) -> np.ndarray:
-    """Minimum-cost perfect assignment of a square matrix: returns col[r] for each row r.
-
-    Shortest augmenting paths with potentials (Kuhn-Munkres / Jonker-Volgenant style), O(n^3).
-    Entries may be +inf for forbidden pairs (a feasible assignment must exist).
-    """
+def assignment(cost: np.ndarray) -> np.ndarray:
+    """Minimum-cost perfect assignment of a square matrix (scipy's linear_sum_assignment, exact):
+    returns col[r] for each row r. Entries may be +inf for forbidden pairs."""
     c = np.asarray(cost, dtype=np.float64)
-    n = c.shape[0]
-    big = (np.abs(c[np.isfinite(c)]).sum() + 1.0) * (n + 1)
-    c = np.where(np.isfinite(c), c, big)
-    u, v = np.zeros(n + 1), np.zeros(n + 1)
-    match = np.zeros(n + 1, dtype=np.int64)        # match[col] = row (1-based; 0 = free)
-    way = np.zeros(n + 1, dtype=np.int64)
-    for i in range(1, n + 1):
-        match[0] = i
-        j0 = 0
-        minv = np.full(n + 1, np.inf)
-        used = np.zeros(n + 1, dtype=bool)
-        while True:
-            used[j0] = True
-            i0 = match[j0]
-            cur = c[i0 - 1] - u[i0] - v[1:]
-            free = ~used[1:]
-            upd = free & (cur < minv[1:])
-            minv[1:][upd] = cur[upd]
-            way[1:][upd] = j0
-            cand = np.where(free, minv[1:], np.inf)
-            j1 = int(cand.argmin()) + 1
-            delta = cand[j1 - 1]
-            u[match[used]] += delta
-            v[used] -= delta
-            minv[1:][free] -= delta
-            j0 = j1
-            if match[j0] == 0:
-                break
-        while j0:
-            j1 = way[j0]
-            match[j0] = match[j1]
-            j0 = j1
-    col = np.empty(n, dtype=np.int64)
-    col[match[1:] - 1] = np.arange(n)
-    if (c[np.arange(n), col] >= big).any():
-        raise PlacementError("assignment has no feasible permutation; this is a kiln bug")
-    return col
+    try:
+        rows, col = linear_sum_assignment(c)
+    except ValueError:  # scipy: "cost matrix is infeasible"
+        raise PlacementError("assignment has no feasible permutation; this is a kiln bug") from None
+    out = np.empty(c.shape[0], dtype=np.int64)
+    out[rows] = col
+    return out
 
 
 class Rows:

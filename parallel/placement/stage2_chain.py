@@ -6,7 +6,7 @@ Every move keeps the memory balance exact (each rank keeps L*E/R experts):
   * segment assignment over layers [a, b): rank r takes rank q's holdings in [a, b) when both hold
     equally many experts there. Given the layers outside the segment, only the two boundary pairs
     change (the inner pairs are permuted consistently), so the best choice is an R x R assignment
-    solved exactly: Hungarian when w = 0, a small HiGHS MIP (R*R binaries + 2 epigraph variables)
+    solved exactly: a linear assignment (scipy) when w = 0, a small HiGHS MIP (R*R binaries + 2 epigraph variables)
     otherwise. On several nodes this holds for node-preserving assignments; an unrestricted one is
     also tried and kept only if the whole objective drops.
   * chain: the segments [b, L) for b = 1..L-1 in order are the chain of exact assignments, each
@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from kiln.parallel.placement.mip import Rows, gap, hungarian
+from kiln.parallel.placement.mip import Rows, assignment, gap
 from kiln.parallel.placement.metrics import one_hot, pair_cost
 
 
@@ -44,7 +44,7 @@ def assign_step(prev_t, next_t, link: np.ndarray, weight: float, allowed: np.nda
     if next_t is not None:
         lin += link @ next_t.T                                  # sum_n link[r, n] * next_t[q, n]
     if weight == 0 or (prev_t is None and next_t is None):
-        return hungarian(np.where(allowed, lin, np.inf))
+        return assignment(np.where(allowed, lin, np.inf))
     # Costs are seconds (~1e-6); scale them to O(1) so HiGHS's tolerances mean something.
     scale = max(np.abs(lin).max(), 1e-300)
     A = np.arange(R * R).reshape(R, R)                          # a[r, q]
@@ -64,7 +64,7 @@ def assign_step(prev_t, next_t, link: np.ndarray, weight: float, allowed: np.nda
     x, _ = rows.solve(cost, np.zeros(R * R + 2), upper, np.r_[np.ones(R * R, bool), False, False],
                       time_limit=time_limit, rel_gap=0.0, abs_gap=0.0)
     if x is None:
-        return hungarian(np.where(allowed, lin, np.inf))
+        return assignment(np.where(allowed, lin, np.inf))
     return x[:R * R].reshape(R, R).argmax(1)
 
 
@@ -135,6 +135,13 @@ class _Chain:
         return moves
 
 
+BOUND_OF = {   # what info["bound_s"] bounds, written next to it
+    "exhaustive": "exact: the least stage-2 cost over every memory-balanced placement of these "
+                  "stage-1 clusters (enumerated)",
+    "relaxed": "a lower bound on the stage-2 cost of any placement of these stage-1 clusters, "
+               "memory-balanced or not (a relaxation: pairs solved alone, cheapest link); not a "
+               "bound over placements with other clusters",
+}
 EXHAUSTIVE_LIMIT = 50000   # (R!)^L below this: stage 2 enumerates every placement of the clusters
 
 
@@ -171,7 +178,8 @@ def stage2_chain(slots: np.ndarray, transitions: np.ndarray, R: int, link: np.nd
         ch.sigma = exhaustive_chain(slot_t, sizes, link, weight)
         best = ch.objective()
         return ch.sigma, {"objective_s": best, "forward_chain_s": best, "bound_s": best,
-                          "gap_vs_bound": 0.0, "exhaustive": True, "passes": 0, "moves": 0,
+                          "gap_vs_bound": 0.0, "bound_of": BOUND_OF["exhaustive"],
+                          "exhaustive": True, "passes": 0, "moves": 0,
                           "time_s": time.perf_counter() - t0}
     for b in range(1, L):                       # forward chain of exact assignments
         ch.sigma = ch.segment_assign(b, L, False, max(left(), 0.05))
@@ -198,17 +206,20 @@ def stage2_chain(slots: np.ndarray, transitions: np.ndarray, R: int, link: np.nd
                 best, improved, moves = ch.objective(), True, moves + n
         if not improved:
             break
-    # A bound that ignores memory balance and topology: each pair alone, best cluster matching,
-    # every cross-rank pair at the cheapest link; the max pair costs at least the mean pair.
+    # The bound of a relaxation (BOUND_OF): each pair alone, best cluster matching, every
+    # cross-rank pair at the cheapest link; the max pair costs at least the mean off-diagonal pair.
+    # Dropping memory balance, topology and the coupling of pairs only lowers it, so it stays a
+    # valid lower bound for the memory-balanced problem (and gap_vs_bound over-states the gap).
     off = link[~np.eye(R, dtype=bool)]
     cheapest = off.min() if off.size else 0.0
     bound = 0.0
     for t in slot_t:
-        keep = t[np.arange(R), hungarian(-t)].sum()
+        keep = t[np.arange(R), assignment(-t)].sum()
         lb = (t.sum() - keep) * cheapest
         bound += lb + weight * lb / max(R * (R - 1), 1)
     info = {"objective_s": best, "forward_chain_s": start_obj, "bound_s": bound,
-            "gap_vs_bound": gap(best, bound), "passes": passes, "moves": moves,
+            "gap_vs_bound": gap(best, bound), "bound_of": BOUND_OF["relaxed"], "passes": passes,
+            "moves": moves,
             "time_s": time.perf_counter() - t0}
     return ch.sigma, info
 

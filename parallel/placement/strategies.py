@@ -20,6 +20,12 @@ Strategies:
                     moves and swaps, then a joint MIP on small models, that cut the cross-rank
                     traffic while every layer keeps balancedness >= min(min_balance, its ILP
                     value); never worse than the plain ILP's traffic.
+                    ``coselect=True`` (the training objective, needs the profile's co-selection
+                    counts) re-clusters each layer after stage 1 so experts chosen together by
+                    one token share a rank, every layer keeping balancedness >= min(min_balance,
+                    its stage-1 value) (``coselect``): under dedup dispatch that cuts the rows
+                    sent. Stage 2 and ``refine`` then cut cross-layer traffic, which only a
+                    serving path (tokens staying on the expert's rank) sends.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from kiln.parallel.placement.io import (PlacementError, PlacementResult, Routing
 from kiln.parallel.placement.metrics import (CostModel, PlacementMetrics, Topology,
                                              balance_objective, chain_objective, evaluate)
 from kiln.parallel.placement.stage3_refine import refine as refine_traffic
+from kiln.parallel.placement.coselect import coselect_stage
 
 STRATEGIES = ("contiguous", "round_robin", "greedy_lpt", "ilp")
 
@@ -77,13 +84,14 @@ def greedy_lpt(load: np.ndarray, R: int) -> np.ndarray:
 def solve_ilp(profile: RoutingProfile, topo: Topology, cost: CostModel,
               max_per_rank_layer: int | None = None, time_limit: float = 60.0,
               mip_rel_gap: float = 0.025, align: bool = False, seed: int = 0,
-              refine: bool = False, min_balance: float = 0.95):
+              refine: bool = False, min_balance: float = 0.95, coselect: bool = False):
     """Two-stage MoETuner ILP (+ kiln's stage 3 when ``refine``); returns (placement, info).
 
     ``info['gap']`` is stage 1's relative gap to the sum of per-layer HiGHS bounds (a valid bound
     of the memory-coupled problem); stage 2's result and a (loose) bound are in info['stage2'];
     stage 3's traffic before/after and, where its joint MIP ran, a lower bound on the traffic of
-    any placement under the same balance floor are in info['stage3'].
+    any placement under the same balance floor are in info['stage3']; with ``coselect``, the
+    co-selection pairs kept on one rank before/after in info['coselect'].
     """
     L, E, R = profile.layers, profile.experts, topo.ranks
     check_feasible(L, E, R, max_per_rank_layer)
@@ -93,6 +101,9 @@ def solve_ilp(profile: RoutingProfile, topo: Topology, cost: CostModel,
     # Stage 2 is cheap (many R x R assignments); most of the budget goes to the stage-1 MIPs.
     slots, s1 = stage1_clusters(profile.load, profile.transitions if align else None, R, cap,
                                 0.85 * (time_limit - reserve), mip_rel_gap, seed=seed)
+    cos = None
+    if coselect:  # slot sizes per layer are kept, so the memory balance of stage 1 holds
+        slots, cos = coselect_stage(profile.load, profile.coselect, slots, R, min_balance, seed)
     link = cost.link_s_per_pair(topo, profile.top_k)
     sigma, s2 = stage2_chain(slots, profile.transitions, R, link, cost.max_pair_weight,
                              topo.node_of(),
@@ -100,6 +111,8 @@ def solve_ilp(profile: RoutingProfile, topo: Topology, cost: CostModel,
     p = sigma_to_placement(slots, sigma)
     info = {"gap": s1["gap"], "time_limit_s": time_limit, "mip_rel_gap": mip_rel_gap,
             "align": align, "refine": refine, "stage1": s1, "stage2": s2}
+    if cos is not None:
+        info["coselect"] = cos
     if refine:
         p, info["stage3"] = refine_traffic(profile.load, profile.transitions, p, link,
                                            topo.node_of(), R, cap, min_balance,
@@ -111,10 +124,11 @@ def solve_ilp(profile: RoutingProfile, topo: Topology, cost: CostModel,
 def place(profile: RoutingProfile, strategy: str = "ilp", topo: Topology | None = None,
           cost: CostModel | None = None, *, max_per_rank_layer: int | None = None,
           time_limit: float = 60.0, mip_rel_gap: float = 0.025, align: bool = False,
-          seed: int = 0, refine: bool = False, min_balance: float = 0.95) -> PlacementResult:
+          seed: int = 0, refine: bool = False, min_balance: float = 0.95,
+          coselect: bool = False) -> PlacementResult:
     """Place the experts of ``profile`` on ``topo.ranks`` ranks with ``strategy``.
 
-    ``time_limit`` (s), ``mip_rel_gap``, ``align``, ``refine`` and ``min_balance`` apply to ``ilp``; it returns the best feasible
+    ``time_limit`` (s), ``mip_rel_gap``, ``align``, ``refine``, ``coselect`` and ``min_balance`` apply to ``ilp``; it returns the best feasible
     placement found in time, with the stage-1 gap in ``result.solver['gap']``. ``align=False`` is
     the paper's balance-only stage 1 (see ``stage1_clusters``).
     Infeasible requests raise PlacementError with one line.
@@ -139,8 +153,11 @@ def place(profile: RoutingProfile, strategy: str = "ilp", topo: Topology | None 
         check_feasible(L, E, R, max_per_rank_layer)
         if not 0 <= min_balance <= 1:
             raise PlacementError(f"min_balance must lie in [0, 1] (got {min_balance})")
+        if coselect and profile.coselect is None:
+            raise PlacementError("the routing profile has no co-selection counts (recorded before "
+                                 "kiln counted them): re-record it, or place without coselect")
         p, solver = solve_ilp(profile, topo, cost, max_per_rank_layer, time_limit, mip_rel_gap,
-                              align, seed, refine, min_balance)
+                              align, seed, refine, min_balance, coselect)
     p = check_placement(p, L, E, R, max_per_rank_layer, what=f"{strategy} placement")
     metrics = evaluate(profile, p, topo, cost).to_dict()
     metrics["balance_objective_tokens"] = balance_objective(profile, p, R)

@@ -10,7 +10,7 @@ from kiln.parallel.placement import (CostModel, PlacementError, Topology, balanc
 from kiln.parallel.placement.stage2_chain import assign_step, stage2_chain, sigma_to_placement
 from kiln.parallel.placement.stage1_clusters import stage1_clusters
 from kiln.parallel.placement.metrics import pair_cost
-from kiln.parallel.placement.mip import hungarian
+from kiln.parallel.placement.mip import assignment
 
 # (L, E, R, nodes): small enough that every placement can be listed (R^(L*E) <= 531441).
 TINY = [(2, 4, 2, 1), (3, 4, 2, 1), (2, 6, 3, 1), (2, 4, 4, 2), (2, 8, 2, 2)]
@@ -129,16 +129,19 @@ def test_assign_step_is_exact(weight, nodes):
         assert cost(pi) == pytest.approx(best, rel=1e-9)
 
 
-def test_hungarian_is_exact():
+def test_assignment_is_exact_and_refuses_an_infeasible_matrix():
     rng = np.random.default_rng(0)
     for n in (1, 2, 5, 7):
         for _ in range(3):
             c = rng.integers(-20, 50, (n, n)).astype(float)
             c[rng.random((n, n)) < 0.3] = np.inf
             np.fill_diagonal(c, rng.integers(0, 50, n))       # keep one assignment feasible
-            col = hungarian(c)
+            col = assignment(c)
             best = min(c[np.arange(n), list(p)].sum() for p in itertools.permutations(range(n)))
-            assert c[np.arange(n), col].sum() == pytest.approx(best)
+            assert sorted(col) == list(range(n)) and c[np.arange(n), col].sum() == pytest.approx(best)
+    c = np.array([[1.0, np.inf], [2.0, np.inf]])               # column 1 cannot be filled
+    with pytest.raises(PlacementError, match="no feasible permutation"):
+        assignment(c)
 
 
 def test_short_time_limit_returns_feasible_with_gap():

@@ -8,7 +8,9 @@ Placement (`parallel.placement`):
   * auto: start contiguous (or keep the saved placement on resume) and every
     `parallel.placement_every` steps re-solve MoETuner's ILP (plus kiln's stage 3 with
     `parallel.placement_refine`) from the latest routing profile and migrate the experts (weights
-    and optimizer state) in place.
+    and optimizer state) in place. With `parallel.moe_dedup` (the default) the ILP also
+    co-locates experts chosen together (coselect, the training objective), within
+    `parallel.placement_min_balance`.
 Profiles: every `parallel.profile_every` steps the routing counts since the last profile are saved
 under <run>/profiles/ (and logged to W&B as heatmaps).
 """
@@ -217,8 +219,11 @@ class _Solve:
         t = run.recipe.parallel
         self.step, self.t0, self.result = step, time.perf_counter(), None
         args = (prof, "ilp", Topology(ranks=run.ep, nodes=ep_nodes(run.ep)), cost_model(run.recipe.model, run.bf16))
+        # Training sends every token home after each MoE layer: under dedup dispatch the bytes
+        # follow co-selection (kiln.parallel.placement.coselect), not cross-layer traffic.
         kw = dict(time_limit=t.placement_time_limit, refine=t.placement_refine,
-                  min_balance=t.placement_min_balance)
+                  min_balance=t.placement_min_balance,
+                  coselect=t.moe_dedup and prof.coselect is not None)
         out = str(run.run_dir / "placement_auto.json")
         self.thread = threading.Thread(target=self._run, args=(args, kw, out), daemon=True,
                                        name="kiln-placement")
