@@ -252,6 +252,7 @@ def load(engine, run_dir: Path, parts: dict) -> dict | None:
     except ManifestError as e:
         raise CheckpointError(f"checkpoint {ckpt_root(run_dir) / tag} cannot be loaded: {e}: "
                               f"{_way_out(run_dir, tag)}") from None
+    _check_partitions(engine, ckpt_root(run_dir) / tag)
     module_loaders = [part.load_module for part in parts.values() if hasattr(part, "load_module")]
     try:
         path, client = engine.load_checkpoint(str(ckpt_root(run_dir)), tag=tag,
@@ -276,6 +277,19 @@ def load(engine, run_dir: Path, parts: dict) -> dict | None:
         if hasattr(part, "load_state_dict"):
             part.load_state_dict(state.get(name, {}))
     return state
+
+
+def _check_partitions(engine, tag_dir: Path) -> None:
+    """ZeRO 1-3 partition the optimizer over the data-parallel ranks, one file each, and
+    DeepSpeed 0.19.8 reads a rigid checkpoint by this rank's index alone: another data-parallel
+    size would load a wrong share (fewer ranks) or fail (more). Refused in one line; ZeRO 0's one
+    file holds everything and reshards freely (docs/reliability.md)."""
+    saved = len(list(tag_dir.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")))
+    now = getattr(engine, "dp_world_size", None)
+    if saved and now and saved != now and getattr(engine, "zero_optimization_stage", lambda: 0)() >= 1:
+        raise CheckpointError(
+            f"checkpoint {tag_dir} holds ZeRO optimizer partitions of {saved} data-parallel ranks but this run has "
+            f"{now}: resume it with {saved} (train.nproc); runs of parallel.zero_stage=0 resume on any number")
 
 
 def _way_out(run_dir: Path, tag: str) -> str:

@@ -58,7 +58,7 @@ def prepare_run_dir(recipe, run_dir: Path, no_resume: bool, launched: bool) -> b
     orphans = sorted(d.name for d in ckpt_root(run_dir).glob("step_*") if d.is_dir()) if tag is None else []
     if tag is None and not orphans:
         return True
-    complete = [t for t in orphans if all((ckpt_root(run_dir) / t / f).is_file() for f in COMPLETE)]
+    complete = [t for t in orphans if _complete_unverified(ckpt_root(run_dir) / t)]
     if complete and not no_resume:
         # Starting at step 0 here would overwrite these checkpoints and the metrics history. (Only
         # unfinished first saves, say of a run killed with -9, start over as before.)
@@ -84,6 +84,24 @@ def prepare_run_dir(recipe, run_dir: Path, no_resume: bool, launched: bool) -> b
         if done is not None and (line := schedule_change(saved_recipe(run_dir) or {}, recipe, done)):
             print(line)
     return True
+
+
+def _complete_unverified(tag_dir: Path) -> bool:
+    """A folder that an older kiln (one without manifests) finished: its files are all there. A
+    folder of today's kiln without a verified manifest is an unfinished save (a kill before the
+    manifest): resume_tag found no verified checkpoint, so such a run starts over. The recipe saved
+    with it tells them apart: today's has checkpoint.fallback, a knob older kilns did not know."""
+    import yaml
+
+    if not all((tag_dir / f).is_file() for f in COMPLETE):
+        return False
+    try:
+        saved = yaml.safe_load((tag_dir / "kiln_recipe.yaml").read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict) or not isinstance(saved.get("checkpoint"), dict):
+        return True  # unreadable: keep the old guard, the user decides
+    return "fallback" not in saved["checkpoint"]
 
 
 def after_failed_launch(run_dir: Path, started: float) -> None:
