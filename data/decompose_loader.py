@@ -66,6 +66,31 @@ class StepPlan:
     index: int         # which batch of its bucket in this epoch
 
 
+def load_bucket(prefix: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(chunks [n, 2^k], next token after each chunk) of one bucket's indexed dataset, checked."""
+    tokens, starts, ends = read_documents(prefix)
+    if np.any(ends - starts != 1 << k):
+        raise DataError(f"{prefix} holds chunks that are not 2^{k} tokens long: run `kiln prepare` again")
+    nxt = np.load(prefix + ".next.npy", mmap_mode="r")
+    if len(nxt) != len(starts):
+        raise DataError(f"{prefix}.next.npy has {len(nxt)} entries for {len(starts)} chunks: "
+                        "run `kiln prepare` again")
+    return tokens.reshape(len(starts), 1 << k), nxt
+
+
+def chunk_batch(tokens: np.ndarray, nxt: np.ndarray, k: int, chunks: np.ndarray) -> dict[str, torch.Tensor]:
+    """The batch made of the given chunks of bucket 2^k (one row each): input_ids, labels
+    (the next token; a chunk's last label is the token after it or -100), position_ids."""
+    chunks = np.sort(np.asarray(chunks, dtype=np.int64))  # sorted reads are sequential on disk
+    rows = tokens[chunks].astype(np.int64)
+    labels = np.empty_like(rows)
+    labels[:, :-1] = rows[:, 1:]
+    labels[:, -1] = nxt[chunks]
+    pos = np.tile(np.arange(1 << k, dtype=np.int64), (len(chunks), 1))
+    return {"input_ids": torch.from_numpy(rows), "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(pos)}
+
+
 class DecomposeLoader:
     """Batches over per-bucket indexed datasets (see the module docstring); a BatchSource."""
 
@@ -87,16 +112,7 @@ class DecomposeLoader:
         self.seed, self.grad_accum = seed, grad_accum
         self._tokens, self._next = {}, {}
         for k in ks:
-            tokens, starts, ends = read_documents(prefixes[k])
-            if np.any(ends - starts != 1 << k):
-                raise DataError(f"{prefixes[k]} holds chunks that are not 2^{k} tokens long: "
-                                "run `kiln prepare` again")
-            self._tokens[k] = tokens.reshape(len(starts), 1 << k)
-            nxt = np.load(prefixes[k] + ".next.npy", mmap_mode="r")
-            if len(nxt) != len(starts):
-                raise DataError(f"{prefixes[k]}.next.npy has {len(nxt)} entries for {len(starts)} "
-                                "chunks: run `kiln prepare` again")
-            self._next[k] = nxt
+            self._tokens[k], self._next[k] = load_bucket(prefixes[k], k)
         self.chunks = np.array([len(self._tokens[k]) for k in ks], dtype=np.int64)
         self.rows = np.array([tokens_per_step >> k for k in ks], dtype=np.int64)
         w = np.ones(len(ks)) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -158,14 +174,73 @@ class DecomposeLoader:
 
     def rows_of(self, k: int, chunks: np.ndarray) -> dict[str, torch.Tensor]:
         """The batch made of the given chunks of bucket 2^k (one row each)."""
-        chunks = np.sort(np.asarray(chunks, dtype=np.int64))  # sorted reads are sequential on disk
-        tokens = self._tokens[k][chunks].astype(np.int64)
-        labels = np.empty_like(tokens)
-        labels[:, :-1] = tokens[:, 1:]
-        labels[:, -1] = self._next[k][chunks]
-        pos = np.tile(np.arange(1 << k, dtype=np.int64), (len(chunks), 1))
-        return {"input_ids": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-                "position_ids": torch.from_numpy(pos)}
+        return chunk_batch(self._tokens[k], self._next[k], k, chunks)
+
+
+class TaggedBatch(dict):
+    """A held-out batch that names its bucket (`tag`) and its `weight` in the evaluation's mean;
+    kiln.infer.evaluate.batch_losses reads both (a plain dict has neither: weight 1, no tag)."""
+
+    def __init__(self, batch: dict, tag: int, weight: float):
+        super().__init__(batch)
+        self.tag, self.weight = tag, weight
+
+
+class TaggedBatches:
+    """One evaluation's batches; batch_losses fills `per_tag` = {tag: [loss sum, batches]}."""
+
+    def __init__(self, batches):
+        self._batches = batches
+        self.per_tag: dict[int, list[float]] = {}
+
+    def __iter__(self):
+        return iter(self._batches)
+
+
+class DecomposeHeldOut:
+    """Held-out batches of a decomposition stage: every bucket of the valid split, its own rows.
+
+    eval_batches(n) yields up to n fixed batches per bucket, shortest bucket first, each the size
+    of one training micro-step of that bucket (the same rows on every rank of a sequence-parallel
+    group where the bucket runs sequence-parallel, else each rank its own), unshuffled; chunks
+    wrap around only when a bucket holds fewer than one batch. Each batch of bucket k weighs
+    T_k / (its batches), T_k = the bucket's held-out tokens, so the evaluation's weighted mean is
+    the token-weighted mean over buckets: the loss over the whole held-out split, estimated per
+    bucket. The last evaluation's batches are `last` (per-bucket sums for the decompose hook).
+    """
+
+    def __init__(self, prefixes: dict[int, str], tokens_per_step: int, rank: int, world: int, *,
+                 sp: int = 1, sp_min_len: int = 0, grad_accum: int = 1):
+        self.ks = sorted(prefixes)
+        check_layout(tokens_per_step, (self.ks[0], self.ks[-1]), world, sp, sp_min_len, grad_accum)
+        self.rank, self.world, self.sp, self.sp_min_len = rank, world, sp, sp_min_len
+        self.rows = {k: (tokens_per_step >> k) // grad_accum for k in self.ks}  # one micro-step, all ranks
+        self._data = {k: load_bucket(prefixes[k], k) for k in self.ks}
+        self.chunks = {k: len(self._data[k][0]) for k in self.ks}
+        self.last: TaggedBatches | None = None
+
+    def eval_batch_count(self, n: int, k: int) -> int:
+        """Batches of bucket k that eval_batches(n) yields (the same on every rank; 0 when empty)."""
+        if not self.chunks[k]:
+            return 0
+        return max(0, min(n, max(1, self.chunks[k] // self.rows[k])))
+
+    def eval_batches(self, n: int) -> TaggedBatches:
+        """Up to n TaggedBatch per bucket (see the class docstring)."""
+        self.last = TaggedBatches(self._batches(n))
+        return self.last
+
+    def _batches(self, n: int):
+        for k in self.ks:
+            count = self.eval_batch_count(n, k)
+            on = uses_sp(1 << k, self.sp, self.sp_min_len)
+            groups, who = (self.world // self.sp, self.rank // self.sp) if on else (self.world, self.rank)
+            local = self.rows[k] // groups
+            weight = (self.chunks[k] << k) / max(count, 1)
+            tokens, nxt = self._data[k]
+            for j in range(count):
+                chunks = (j * self.rows[k] + who * local + np.arange(local)) % self.chunks[k]
+                yield TaggedBatch(chunk_batch(tokens, nxt, k, chunks), k, weight)
 
 
 def build_decompose_loader(cfg, decomposed, split: str, tokens_per_step: int, rank: int,
@@ -181,3 +256,11 @@ def build_decompose_loader(cfg, decomposed, split: str, tokens_per_step: int, ra
                            seed=seed, grad_accum=grad_accum, weights=weights,
                            num_cycles=cfg.num_cycles, horizon=horizon)
 
+
+
+def build_decompose_heldout(decomposed, tokens_per_step: int, rank: int, world: int, *, sp: int = 1,
+                            sp_min_len: int = 0, grad_accum: int = 1) -> DecomposeHeldOut:
+    """The held-out batches of every bucket of a Decomposed folder's valid split."""
+    prefixes = {k: decomposed.prefix("valid", k) for k in decomposed.buckets}
+    return DecomposeHeldOut(prefixes, tokens_per_step, rank, world, sp=sp, sp_min_len=sp_min_len,
+                            grad_accum=grad_accum)

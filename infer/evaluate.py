@@ -7,10 +7,26 @@ import torch
 
 def batch_losses(loss_fn, batches) -> tuple[float, int]:
     """(sum, count) of `loss_fn(batch)` over `batches`, without gradients. Each loss is one
-    batch's mean; callers average sum / count (the trainer then across ranks)."""
+    batch's mean; callers average sum / count (the trainer then across ranks).
+
+    Tagged batches (kiln.data.decompose_loader.TaggedBatch: `tag`, `weight`) count `weight` times,
+    so sum / count is their weighted mean, and `batches.per_tag` (when the iterable has it) gets
+    each tag's [loss sum, batches]: the per-bucket losses of a decomposition evaluation.
+    """
+    per_tag = getattr(batches, "per_tag", None)
+    total, n = 0, 0
     with torch.no_grad():
-        losses = [float(loss_fn(b)) for b in batches]
-    return sum(losses), len(losses)
+        for b in batches:
+            loss = float(loss_fn(b))
+            w = getattr(b, "weight", None)
+            if w is None:
+                total, n = total + loss, n + 1
+                continue
+            total, n = total + w * loss, n + w
+            if per_tag is not None:
+                s = per_tag.setdefault(b.tag, [0.0, 0])
+                s[0], s[1] = s[0] + loss, s[1] + 1
+    return total, n
 
 
 def lm_loss(model, batch) -> torch.Tensor:

@@ -66,25 +66,39 @@ def check_recipe(recipe, world: int | None = None) -> None:
     check_layout(tokens_per_step(recipe, world), d.buckets, world, p.sp, p.sp_min_len, t.grad_accum)
 
 
+def _decomposed(recipe, data):
+    from kiln.data.decompose import Decomposed, bucket_dir
+
+    d = recipe.data
+    return Decomposed.load(bucket_dir(data.dir, d.buckets, d.decompose_seed, d.long_doc_rule), checksum=False)
+
+
 def train_batches(recipe, data, mesh):
     """The training BatchSource of this rank: concat-and-chunk or decomposition buckets."""
     d, t = recipe.data, recipe.train
     if d.packing == "decompose":
-        from kiln.data.decompose import Decomposed, bucket_dir
         from kiln.data.decompose_loader import build_decompose_loader
 
         check_recipe(recipe, mesh.world)
-        dec = Decomposed.load(bucket_dir(data.dir, d.buckets, d.decompose_seed, d.long_doc_rule), checksum=False)
-        return build_decompose_loader(d, dec, "train", tokens_per_step(recipe, mesh.world), mesh.rank,
-                                      mesh.world, sp=mesh.sp, sp_min_len=recipe.parallel.sp_min_len,
+        return build_decompose_loader(d, _decomposed(recipe, data), "train", tokens_per_step(recipe, mesh.world),
+                                      mesh.rank, mesh.world, sp=mesh.sp, sp_min_len=recipe.parallel.sp_min_len,
                                       seed=t.seed, grad_accum=t.grad_accum, horizon=t.steps)
     return build_loader(d, data.train_prefix, micro_batch=t.micro_batch, dp_rank=mesh.dp_rank,
                         dp_size=mesh.dp, seed=t.seed, grad_accum=t.grad_accum)
 
 
-def held_out_batches(recipe, data, mesh) -> ChunkLoader:
-    """Fixed held-out windows of data.seq_len, each data-parallel rank its own."""
+def held_out_batches(recipe, data, mesh):
+    """The held-out batches: fixed windows of data.seq_len, each data-parallel rank its own; with
+    data.packing=decompose every bucket of the valid split instead (DecomposeHeldOut: tagged by
+    bucket and weighted by its held-out tokens, so eval/loss is their token-weighted mean and the
+    decompose hook logs eval/loss_b{k})."""
     t = recipe.train
+    if recipe.data.packing == "decompose":
+        from kiln.data.decompose_loader import build_decompose_heldout
+
+        return build_decompose_heldout(_decomposed(recipe, data), tokens_per_step(recipe, mesh.world), mesh.rank,
+                                       mesh.world, sp=mesh.sp, sp_min_len=recipe.parallel.sp_min_len,
+                                       grad_accum=t.grad_accum)
     return ChunkLoader(data.valid_prefix, recipe.data.seq_len, t.micro_batch, mesh.dp_rank, mesh.dp, t.seed)
 
 

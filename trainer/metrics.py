@@ -39,7 +39,12 @@ CATALOGUE = [
     ("perf/mem_peak_gb", "number", "GiB", "peak memory of rank 0 since the previous train record: CUDA "
                                          "allocator peak, or resident-set high-water mark on CPU"),
     # eval
-    ("eval/loss", "number", "nats/token", "held-out loss (concat windows of data.seq_len)"),
+    ("eval/loss", "number", "nats/token", "held-out loss (concat windows of data.seq_len); with "
+     "data.packing=decompose the token-weighted mean of eval/loss_b{k} over the buckets"),
+    ("eval/loss_b{k}", "number", "nats/token", "decompose: held-out loss of bucket k's chunks (2^k tokens, "
+     "the valid split's own bucket), one record per evaluation"),
+    ("eval/buckets", "integer", "buckets", "decompose: how many eval/loss_b{k} the record holds (the per-bucket "
+     "record of an evaluation)"),
     ("eval/ppl", "number", "", "exp(eval/loss)"),
     # MoE
     ("moe/balance/l{l}", "number", "", "layer l: mean / max token-choices per rank (per expert without EP); 1 "
@@ -89,6 +94,7 @@ KINDS = {"train": ["train/loss", "train/lr", "train/tokens", "perf/tokens_per_s"
          "event": ["growth/event"]}
 
 # Names before the catalogue (session 1-7 run directories) -> today's.
+         "eval_buckets": ["eval/buckets"],  # decompose: eval/loss_b{k}, just before its eval record
 OLD_NAMES = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens": "train/tokens",
              "flops": "train/flops", "tokens_per_s": "perf/tokens_per_s", "mem_gb": "perf/mem_peak_gb",
              "time/step_s": "perf/step_s", "time/data_s": "perf/data_s", "time/fwd_bwd_s": "perf/fwd_bwd_s",

@@ -103,3 +103,45 @@ def test_layout_errors_name_the_fix():
         check_layout(2048, (8, 10), world=2, grad_accum=4)
     with pytest.raises(ValueError, match="zigzag"):
         check_layout(8192, (2, 5), world=8, sp=8)
+
+
+def test_heldout_covers_every_bucket_with_disjoint_rows_and_token_weights(buckets):
+    """DecomposeHeldOut: per bucket, the ranks' rows are disjoint chunks of one micro-step (shared
+    by the ranks of a sequence-parallel group), the same on every call; batch_losses' weighted
+    mean is the token-weighted mean of the per-bucket means, and per_tag holds those means."""
+    import torch
+
+    from kiln.data.decompose_loader import DecomposeHeldOut
+    from kiln.infer.evaluate import batch_losses
+
+    world, n = 4, 3
+    for sp, sp_min_len in ((1, 0), (2, 16)):
+        held = [DecomposeHeldOut(buckets, T, r, world, sp=sp, sp_min_len=sp_min_len) for r in range(world)]
+        per_rank = [list(h.eval_batches(n)) for h in held]
+        assert [b["input_ids"].tolist() for b in held[0].eval_batches(n)] == \
+            [b["input_ids"].tolist() for b in per_rank[0]]
+        for k in range(LO, HI + 1):
+            count = held[0].eval_batch_count(n, k)
+            assert count == min(n, held[0].chunks[k] // (T >> k)) > 0
+            mine = [[b for b in bs if b.tag == k] for bs in per_rank]
+            assert all(len(m) == count for m in mine)
+            on = sp > 1 and 1 << k >= sp_min_len
+            for j in range(count):
+                rows = [m[j]["input_ids"] for m in mine]
+                assert all(len(r) == (T >> k) // (world // sp if on else world) for r in rows)
+                groups = [rows[g * sp] for g in range(world // sp)] if on else rows
+                if on:  # a group's ranks load the same rows
+                    assert all(torch.equal(rows[r], rows[r // sp * sp]) for r in range(world))
+                got = torch.cat(groups)
+                assert got.shape == (T >> k, 1 << k)  # one micro-step of the bucket, all ranks
+                assert len({tuple(x) for x in got.tolist()}) == len(got)  # disjoint chunks
+                assert mine[0][j].weight == pytest.approx((held[0].chunks[k] << k) / count, rel=1e-15)
+    # the weighted mean against a hand computation with a toy per-batch "loss"
+    h = DecomposeHeldOut(buckets, T, 0, 1)
+    batches = h.eval_batches(n)
+    loss = lambda b: b["input_ids"].double().mean() / 1000  # noqa: E731
+    total, count = batch_losses(loss, batches)
+    tok = {k: h.chunks[k] << k for k in h.ks}
+    means = {k: float(np.mean([float(loss(b)) for b in h.eval_batches(n) if b.tag == k])) for k in h.ks}
+    assert total / count == pytest.approx(sum(tok[k] * means[k] for k in h.ks) / sum(tok.values()), rel=1e-12)
+    assert {k: s / c for k, (s, c) in batches.per_tag.items()} == pytest.approx(means, rel=1e-12)

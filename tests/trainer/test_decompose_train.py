@@ -1,7 +1,8 @@
 """`kiln train` with data.packing=decompose through the real CLI on the embedded corpus: variable
-batches with constant tokens, the schedule keyed to tokens, per-step bucket metrics, exact
-resume, and sequence parallelism for long buckets only, matching the single-rank run."""
+batches with constant tokens, the schedule keyed to tokens, per-step bucket metrics, held-out
+loss per bucket (against the checkpoint), exact resume, and sequence parallelism for long buckets only, matching the single-rank run."""
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,7 @@ def test_decompose_run_constant_tokens_metrics_and_exact_resume(small_recipe, tm
         assert abs(r["train/lr"] - want) < 1e-12, (r["step"], r["train/lr"], want)
     assert any(k.startswith("data/tokens_per_s_b") for r in recs for k in r)
     assert any("eval/loss" in r for r in recs)
+    check_bucket_eval(run, recs)
     ref = losses(run)
 
     # a crash right after step 4's checkpoint: the resumed run redoes steps 5..8 exactly
@@ -43,6 +45,34 @@ def test_decompose_run_constant_tokens_metrics_and_exact_resume(small_recipe, tm
     assert "resuming" in res.stdout
     assert losses(run) == ref
     assert [r["data/bucket"] for r in metrics(run) if "data/bucket" in r] == [r["data/bucket"] for r in steps]
+
+
+def check_bucket_eval(run, recs):
+    """eval/loss_b{k} of every bucket equals the checkpoint's loss on that bucket's held-out
+    batches computed in this process, and eval/loss is their mean weighted by held-out tokens."""
+    import json
+
+    from kiln.data.decompose import Decomposed, bucket_dir
+    from kiln.data.decompose_loader import DecomposeHeldOut
+    from kiln.infer.evaluate import heldout_loss
+    from kiln.trainer.commands.common import open_checkpoint
+
+    per_bucket = [r for r in recs if "eval/buckets" in r]
+    assert [r["step"] for r in per_bucket] == [8]
+    got = {int(k[len("eval/loss_b"):]): v for k, v in per_bucket[0].items() if k.startswith("eval/loss_b")}
+    assert sorted(got) == [5, 6, 7, 8] and per_bucket[0]["eval/buckets"] == 4
+    ckpt = open_checkpoint(run)
+    dec = Decomposed.load(bucket_dir(ckpt.data.dir, (5, 8), 0))
+    tokens = {b["log2"]: b["tokens"] for b in json.loads((Path(dec.dir) / "summary.json").read_text())
+              ["splits"]["valid"]["buckets"]}
+    overall = [r["eval/loss"] for r in recs if "eval/loss" in r and r["step"] == 8]
+    want = sum(tokens[k] * got[k] for k in got) / sum(tokens[k] for k in got)
+    assert overall == [pytest.approx(want, rel=1e-12)]
+    held = DecomposeHeldOut({k: dec.prefix("valid", k) for k in dec.buckets}, T, 0, 1)  # one rank, all rows
+    model = ckpt.model()
+    for k in got:  # fp32, the same rows split over 2 ranks in the run
+        batches = [b for b in held.eval_batches(1) if b.tag == k]
+        assert abs(heldout_loss(model, batches)["loss"] - got[k]) < 1e-5 * got[k], k
 
 
 def test_long_buckets_sequence_parallel_follow_the_single_rank_run(small_recipe, tmp_path):
