@@ -29,10 +29,16 @@ class ManifestError(InferError):
         self.path = path
 
 
+# Folders that tools write beside a checkpoint after its save, which no loader of the checkpoint
+# opens: ExpertFlow's expert store (safetensors) and predictor (weights_only, its own manifest).
+DERIVED = ("expertflow",)
+
+
 def _files(tag_dir: Path) -> list:
-    """The checkpoint's files (relative names, sorted), the manifest itself left out."""
+    """The checkpoint's files (relative names, sorted), the manifest and DERIVED folders left out."""
     return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not p.name.startswith(f".{MANIFEST}"))
+                  if p.is_file() and p.name != MANIFEST and not p.name.startswith(f".{MANIFEST}")
+                  and p.relative_to(tag_dir).parts[0] not in DERIVED)
 
 
 def write_manifest(tag_dir) -> dict:

@@ -37,6 +37,22 @@ def small_recipe(kiln_home, tmp_path):
     return p
 
 
+# A 2-rank expert-parallel MoE of the SMALL shape: trained once per session (moe_ep_run) and read by
+# the tests that evaluate, serve or export a checkpoint.
+MOE_EP = ["--set", "model.mlp=moe", "--set", "model.moe.num_experts=4", "--set", "model.moe.top_k=2",
+          "--set", "parallel.ep=2", "--set", "train.steps=4", "--set", "checkpoint.every=4", "--set", "train.name=moe"]
+
+
+@pytest.fixture(scope="session")
+def moe_ep_run(kiln_home):
+    """The run directory of the shared expert-parallel MoE run (treat it as read-only; files beside
+    its checkpoint, such as ExpertFlow's predictor, are the readers' own)."""
+    recipe = kiln_home / "moe_ep.yaml"
+    recipe.write_text(SMALL.replace("CACHE", str(kiln_home / "cache")).replace("RUNS", str(kiln_home / "shared")))
+    kiln("train", recipe, *MOE_EP, timeout=600)
+    return kiln_home / "shared" / "moe"
+
+
 def kiln(*args, check=True, timeout=300, **popen):
     """Run the `kiln` CLI in a subprocess (as users do); returns CompletedProcess."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -90,15 +90,13 @@ def test_import_then_train_then_export_round_trip(trained, hf_export):
 
 
 @pytest.mark.slow
-def test_expert_parallel_moe_exports_as_mixtral(trained):
+def test_expert_parallel_moe_exports_as_mixtral(trained, moe_ep_run):
     """An MoE run with its experts sharded over 2 expert-parallel ranks: the export reads every
     expert from kiln's expert files, the gate checks them, and each one on disk is the saved row."""
     from kiln.parallel.expert_state import read_full_experts
 
-    recipe, _, work = trained
-    kiln("train", recipe, "--set", "model.mlp=moe", "--set", "model.moe.num_experts=4", "--set", "parallel.ep=2",
-         "--set", "train.name=moe", timeout=600)
-    run = work / "runs" / "moe"
+    _, _, work = trained
+    run = moe_ep_run  # trained once for the session (tests/trainer/conftest.py)
     res = kiln("export", run, "--out", work / "hf_moe")
     assert "as MixtralForCausalLM" in res.stdout
     assert "parity gate passed: MixtralForCausalLM" in res.stdout and "8 experts' checksums" in res.stdout

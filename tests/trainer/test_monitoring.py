@@ -81,7 +81,22 @@ class _Recipe:
         self.logging.wandb.mode = mode
 
 
-def test_a_wandb_failure_warns_once_and_the_metrics_file_goes_on(tmp_path, capsys):
+@pytest.fixture
+def own_wandb_service():
+    """In-process W&B starts a service and names it in os.environ (WANDB_SERVICE): the kiln runs
+    that later tests start must not inherit it, so the environment is restored and it is stopped."""
+    import os
+
+    import wandb
+
+    saved = dict(os.environ)
+    yield
+    wandb.teardown()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_a_wandb_failure_warns_once_and_the_metrics_file_goes_on(tmp_path, capsys, own_wandb_service):
     from kiln.trainer.monitor import Monitor
 
     (tmp_path / "a").mkdir()

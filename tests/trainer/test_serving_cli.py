@@ -9,13 +9,9 @@ from tests.trainer.conftest import kiln
 
 pytestmark = pytest.mark.slow
 
-MOE = ["--set", "model.mlp=moe", "--set", "model.moe.num_experts=4", "--set", "model.moe.top_k=2",
-       "--set", "parallel.ep=2", "--set", "train.steps=4", "--set", "checkpoint.every=4"]
 
-
-def test_eval_generate_offload_and_predictor(small_recipe, tmp_path, capsys):
-    kiln("train", small_recipe, *MOE, "--set", "train.name=moe")
-    run = tmp_path / "runs" / "moe"
+def test_eval_generate_offload_and_predictor(small_recipe, moe_ep_run, tmp_path, capsys):
+    run = moe_ep_run
     out = tmp_path / "out"
 
     kiln("eval", run, "--batches", "2", "--metrics-out", out / "eval.json")
