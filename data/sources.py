@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .config import DataConfig
-from .errors import DataError
+from .errors import DataError, storage_message
 
 _KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -196,7 +196,8 @@ def local_corpus(cfg: DataConfig, progress: bool = True) -> DatasetsCorpus:
             ds = datasets.load_dataset(kind, data_files=group, split="train",
                                        cache_dir=str(Path(cfg.cache_dir) / "hf"), **extra)
         except Exception as e:
-            raise DataError(_unreadable(kind, group, e)) from None
+            refused = _refused_write(e)  # `datasets` writes its cache under data.cache_dir/hf
+            raise DataError(refused or _unreadable(kind, group, e)) from None
         if kind == "text":  # blank lines, paragraphs or whole files are not documents
             ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
         # `datasets` names the column of plain text files "text" whatever data.text_field says
@@ -229,9 +230,23 @@ def hub_corpus(cfg: DataConfig, progress: bool = True) -> DatasetsCorpus:
         ds = datasets.load_dataset(name, config or None, split="train",
                                    cache_dir=str(Path(cfg.cache_dir) / "hf"), **remote_code_kwargs(cfg, datasets))
     except Exception as e:
+        if refused := _refused_write(e):
+            raise DataError(refused) from None
         raise DataError(f"cannot load hub dataset {name!r} ({_first_line(e)}): check the name, "
                         "config and network, or use a local path") from None
     return DatasetsCorpus(cfg.source, [(ds, cfg.text_field)], cfg.max_documents)
+
+
+def _refused_write(e: BaseException) -> str | None:
+    """The storage line (kiln.data.errors.storage_message) of a full or read-only disk anywhere in the
+    exception's causes, else None: such a file is fine, the cache it was being copied into is not."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and (line := storage_message(e)):
+            return line
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def remote_code_kwargs(cfg: DataConfig, datasets) -> dict:

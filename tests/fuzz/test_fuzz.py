@@ -118,7 +118,8 @@ def test_damaged_token_files_and_full_or_read_only_storage(tmp_path):
         target = folder / targets[i % len(targets)]
         how = M.flip_bits(rng, target, rng.choice([1, 8])) if i % 2 else M.truncate(rng, target)
         # `kiln train` opens the cache without repairing it: it must refuse before starting ranks
-        r = run_case(how, "token-files", ["train", recipe], 60)
+        # (a run dir of its own each: a failed in-process `kiln train` keeps its run-dir lock until exit)
+        r = run_case(how, "token-files", ["train", recipe, "--set", f"train.name=damaged{i}"], 60)
         results.append(r)
         assert r.outcome != "refused" or "is corrupt" in r.lines[0], r.describe()
     shutil.rmtree(folder)
@@ -154,6 +155,8 @@ def test_trained_run_cases(small_recipe, tmp_path):
     for change in ("model.dim=96", "model.n_layers=3", "model.n_kv_heads=4", "data.seq_len=32"):
         results.append(run_case(f"resume with {change}", "checkpoint/other-shape",
                                 ["train", small_recipe, "--nproc", "1", "--set", change], 120))
+    console = (run / "console.log").read_text()
+    assert console.count("kiln: run dir") == 1 and "has model.dim=64 but the recipe says 96" in console
     with read_only_bind(run, run) as _:
         results.append(run_case("resume in a read-only run dir", "storage/read-only",
                                 ["train", small_recipe, "--nproc", "1", "--set", "train.steps=4"], 120))

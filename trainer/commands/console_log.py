@@ -29,8 +29,7 @@ class ConsoleLog:
         except OSError:
             self._log = None  # an unwritable run dir is reported by the write that needs it
             return self
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-        self._write(f"==== {stamp}: kiln {' '.join(self.argv[1:])}\n".encode())
+        self._write(self._header())
         sys.stdout.flush()
         sys.stderr.flush()
         for fd in (1, 2):
@@ -63,9 +62,14 @@ class ConsoleLog:
         err = exc[1]
         if err is not None and type(err).__name__ in _USER_ERRORS:
             self.note(f"kiln: error: {err}")
+            err.kiln_console_logged = True
         self._log.close()
         self._log = None
         return False
+
+    def _header(self) -> bytes:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return f"==== {stamp}: kiln {' '.join(self.argv[1:])}\n".encode(errors="replace")
 
     def _write(self, data: bytes) -> None:
         with self._lock:
@@ -90,3 +94,17 @@ class ConsoleLog:
 
 # the errors kiln.trainer.cli prints as one line (by name: this module imports none of them)
 _USER_ERRORS = {"ConfigError", "DataError", "CheckpointError", "PlacementError", "InferError"}
+
+
+def note_error(run_dir: Path, err: BaseException, argv=None) -> None:
+    """Append the one-line user error `err` to an existing run dir's console log (a resume refused
+    before the ranks started), unless the tee already wrote it; a run dir that refuses writes is
+    left alone (the error line itself says so)."""
+    if type(err).__name__ not in _USER_ERRORS or getattr(err, "kiln_console_logged", False):
+        return
+    log = ConsoleLog(run_dir, argv)
+    try:
+        with open(log.path, "ab") as f:
+            f.write(log._header() + f"kiln: error: {err}\n".encode(errors="replace"))
+    except OSError:
+        pass

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kiln.trainer.checkpoint import latest_tag
 from kiln.trainer.commands.common import prepare_data, print_where, with_recipe, writable_dir
-from kiln.trainer.commands.console_log import ConsoleLog
+from kiln.trainer.commands.console_log import ConsoleLog, note_error
 from kiln.trainer.config import ConfigError, check_vocab, from_dict, load_recipe, to_dict, to_yaml
 from kiln.trainer.run_dir import after_failed_launch, prepare_run_dir
 
@@ -40,6 +40,18 @@ def run(args) -> int:
     launched = launch.in_launched_world()
     if not launched and recipe.train.device == "cuda":  # before touching the run dir or preparing data
         launch.check_cuda(recipe.train.nproc)
+    resumed = run_dir.is_dir() and not launched
+    try:
+        return _prepare_and_launch(args, recipe, run_dir, launched)
+    except Exception as e:  # a refused resume goes into the run's console log too
+        if resumed and not args.no_resume:
+            note_error(run_dir, e)
+        raise
+
+
+def _prepare_and_launch(args, recipe, run_dir: Path, launched: bool) -> int:
+    from kiln.trainer import launch
+
     if not prepare_run_dir(recipe, run_dir, args.no_resume, launched):
         return 0  # already finished: start no ranks
     if launched:
