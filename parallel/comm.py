@@ -42,6 +42,11 @@ class CommStats:
         finally:
             self._recompute_depth -= 1
 
+    @property
+    def replaying(self) -> bool:
+        """True inside a checkpointed forward's replay (for counters that must not count twice)."""
+        return self._recompute_depth > 0
+
     def record(self, phase: str, direction: str, nbytes: int) -> None:
         """Count one message of `nbytes` sent in `phase` towards `direction`."""
         if phase not in PHASES or direction not in DIRECTIONS:
