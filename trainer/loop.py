@@ -36,7 +36,7 @@ def train_stage(stage, batches, hooks, start: int, end: int) -> bool:
             t2 = time.perf_counter()
             if logs and micro == t.grad_accum - 1:
                 window.grad_norm = stage.grad_norm()
-            engine.step()
+            stage.step(loss, last=micro == t.grad_accum - 1)  # the guard may skip the update
             window.micro_step(loss, t1 - t0, t2 - t1, time.perf_counter() - t2, t.grad_accum,
                               stage.objective.last_metrics)
         done = step + 1

@@ -49,6 +49,18 @@ class TrainConfig:
                 "inner activations are recomputed, the projections kept). Same gradients; see docs/trainer.md",
         "choices": ["none", "full", "selective"]})
 
+    max_skips: int = field(default=5, metadata={
+        "help": "more skipped steps in a row than this (a non-finite loss or gradient norm, or a skipped "
+                "spike) stop the run, keeping its last checkpoint (kiln.trainer.hooks.guard)", "min": 0})
+    spike_sigma: float = field(default=6.0, metadata={
+        "help": "a step whose loss is above the mean + this many standard deviations of the last "
+                "train.spike_window steps is counted as a spike (train/loss_spikes); 0 = off",
+        "min": 0, "zero": "0 = off"})
+    spike_window: int = field(default=100, metadata={
+        "help": "steps whose losses the spike test compares against", "min": 2})
+    spike_skip: bool = field(default=False, metadata={
+        "help": "also skip a spike's optimizer update (like a non-finite loss); false = only count it"})
+
     def validate(self):
         """train.name is one folder inside run_root: `..`, `.`, a path or an absolute name would put
         the run (and --no-resume's move aside) outside it, over other runs."""

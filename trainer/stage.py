@@ -92,6 +92,7 @@ class Stage:
         self.recipe_dict = to_dict(run.recipe)  # a checkpoint names the run's recipe, whatever the stage
         self.hooks = stage_hooks(self)
         self.hooks.build(self)
+        self.guard = next(h for h in self.hooks if h.name == "guard")
         return self
 
     def parts(self) -> dict:
@@ -144,13 +145,18 @@ class Stage:
             batch = self.layout(batch)
         return {k: v.to(self.run.device, non_blocking=True) for k, v in batch.items()}
 
+    def step(self, loss, last: bool) -> None:
+        """engine.step() after a micro-step's backward; at the last micro-step the guard
+        (kiln.trainer.hooks.guard) skips the update when the loss or gradients are not finite."""
+        self.guard.step(self, loss, last)
+
     def grad_norm(self) -> float | None:
         """Global gradient norm before clipping (None where ZeRO partitions the gradients)."""
         return grad_norm(self.engine, self.run.mesh.ep_group)
 
     def teardown(self) -> None:
         """Drop the model, engine and optimizer state (before the next stage builds its own)."""
-        for name in ("engine", "objective", "model", "hooks", "layout"):
+        for name in ("engine", "objective", "model", "hooks", "layout", "guard"):
             setattr(self, name, None)
         gc.collect()
         if torch.cuda.is_available():

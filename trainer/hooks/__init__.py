@@ -12,6 +12,7 @@ hook implements the ones it needs (the base class makes every event a no-op):
 | `metrics(stage, steps) -> dict` | a log step: fields added to the train record (window of `steps`) | yes |
 | `should_stop(stage, step) -> bool` | after step `step`'s log, eval and checkpoint: True ends the stage there (the loop saves a checkpoint first); only StopHook (signals) | yes |
 | `console(record) -> str` | a log step: text appended to the console line (rank 0) | no |
+| `step(stage, loss, last)` | GuardHook only, through Stage.step: takes the micro-step's engine.step() (and may skip the update) | yes |
 | `parts() -> dict` | checkpoint parts the hook owns: its `state_dict()` / files (kiln.trainer.checkpoint) | no |
 
 Hooks of a stage come from HOOKS, in order; each factory returns None when its feature is off.
@@ -112,10 +113,11 @@ def stage_hooks(stage) -> Hooks:
     from kiln.trainer.hooks.compile import CompileTimesHook
     from kiln.trainer.hooks.decompose import DecomposeHook
     from kiln.trainer.hooks.growth import GrowthHook
+    from kiln.trainer.hooks.guard import GuardHook
     from kiln.trainer.hooks.moe import MoEHook
     from kiln.trainer.hooks.sequence import SequenceHook
     from kiln.trainer.hooks.stop import StopHook
 
     factories = (SequenceHook.create, MoEHook.create, DecomposeHook.create, CompileTimesHook.create,
-                 GrowthHook.create, StopHook.create)
+                 GrowthHook.create, StopHook.create, GuardHook.create)
     return Hooks(h for h in (make(stage) for make in factories) if h is not None)
