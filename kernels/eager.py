@@ -7,6 +7,9 @@ has the whole step):
     (17.0 -> 14.8 ms per layer; with a document mask 24.4 -> 22.6 ms). On CUDA only without a
     mask: masked SDPA there lands on the memory-efficient backend, which does not take the flag
     and would fall back to the math one. In the whole step (bench/throughput.py) ~8 ms of ~450.
+  * document masks on CUDA: FlexAttention's block mask (kiln.kernels.flex), compiled, so no
+    dense [B, 1, S, S] mask is built and cross-document blocks are skipped (untested here: no
+    GPU; on CPU the dense-mask SDPA below stays, see kiln.kernels.flex for why).
   * document masks (CPU): a batch whose rows each hold one document runs as plain causal SDPA
     (no [B, 1, S, S] mask to build and apply). That is 70% of the tiny recipe's 8 x 256 batches
     on the embedded corpus (4.4% of rows cross a boundary), but worth only ~6 ms of ~410 per
@@ -39,6 +42,10 @@ from kiln.kernels.reference import attention_mask, attention_ref
 def attention_eager(q, k, v, *, causal: bool, scale: float | None = None, doc_ids=None):
     """attention_ref's result; see the module doc for what differs in the computation."""
     if doc_ids is not None and q.device.type != "cpu":
+        from kiln.kernels.flex import attention_flex, flex_available
+
+        if q.device.type == "cuda" and flex_available():  # block mask: no dense [B, 1, S, S] mask
+            return attention_flex(q, k, v, causal=causal, scale=scale, doc_ids=doc_ids)
         return attention_ref(q, k, v, causal=causal, scale=scale, doc_ids=doc_ids)
     # every row holds one document: nothing to mask (not under torch.compile, where the
     # data-dependent branch would break the block's graph)
