@@ -183,3 +183,27 @@ def test_bad_electra_values_give_one_line_errors(values, message):
     with pytest.raises(ConfigError) as e:
         from_dict(values)
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.slow
+def test_the_discriminator_learns_replacements_it_can_see():
+    # counting sequences (each token is its neighbour + 1): a replacement is visible from its
+    # context, so the RTD loss must fall well below the entropy of the replaced fraction (what
+    # calling every token "original" scores) and the accuracy rise above 1 - replaced
+    obj = electra(vocab=64)
+    opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    last = []
+    for step in range(130):
+        ids = (torch.randint(0, 40, (16, 1), generator=g) + torch.arange(32)) % 60 + 4
+        b = obj.prepare_batch({"input_ids": ids, "labels": ids, "position_ids": torch.arange(32).expand(16, 32)}, step)
+        loss, metrics, _ = discriminator_input(obj, b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step >= 120:
+            last.append({k: float(v) for k, v in metrics.items()})
+    r = sum(m["replaced_frac"] for m in last) / len(last)
+    prior = -(r * math.log(r) + (1 - r) * math.log(1 - r))
+    assert sum(m["rtd_loss"] for m in last) / len(last) < 0.5 * prior, (last[-1], prior)
+    assert sum(m["disc_acc"] for m in last) / len(last) > 1 - r + 0.05
