@@ -24,10 +24,11 @@ from kiln.parallel.placement import (CostModel, PlacementError, RoutingProfile, 
 
 # ilp = MoETuner's two stages; +align = kiln's traffic-aware re-clustering; eq = equal expert
 # counts per rank and layer (max_per_rank_layer = E/R), which frees stage 2 and the alignment;
-# +refine = kiln's stage 3 (expert moves + joint MIP under the balance floor --min-balance).
+# +refine = kiln's stage 3 (expert moves + joint MIP under the balance floor --min-balance);
+# +coselect = the training objective under dedup dispatch (experts chosen together share a rank).
 ROWS = [("contiguous", "contiguous", {}), ("round_robin", "round_robin", {}),
         ("greedy_lpt", "greedy_lpt", {}), ("ilp", "ilp", {"align": False}),
-        ("ilp+refine", "ilp", {"refine": True}),
+        ("ilp+refine", "ilp", {"refine": True}), ("ilp+coselect", "ilp", {"coselect": True}),
         ("ilp+align", "ilp", {"align": True}), ("ilp eq+align", "ilp", {"align": True, "eq": True})]
 
 
@@ -39,7 +40,7 @@ def main(argv=None):
     ap.add_argument("--a2a-tokens", type=int, default=2048, help="tokens per rank for --a2a")
     ap.add_argument("--a2a-dim", type=int, default=256, help="hidden size for --a2a")
     ap.add_argument("--a2a-ffn", type=int, default=512, help="expert hidden size for --a2a")
-    ap.add_argument("--a2a-repeats", type=int, default=5)
+    ap.add_argument("--a2a-steps", type=int, default=30, help="measured steps per case for --a2a")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--top-k", type=int, default=2)
@@ -89,7 +90,7 @@ def main(argv=None):
             kw = dict(kw)
             cap = -(-prof.experts // a.ranks) if kw.pop("eq", False) else None
             try:
-                if kw.get("refine"):
+                if kw.get("refine") or kw.get("coselect"):
                     kw["min_balance"] = a.min_balance
                 r = place(prof, strategy, topo, cost, time_limit=a.time_limit, mip_rel_gap=a.gap,
                           max_per_rank_layer=cap, seed=a.seed, **kw)
@@ -134,8 +135,7 @@ def main(argv=None):
     if a.a2a and one_node:
         from placement_a2a import measure, print_table
 
-        res = measure(prof.load, prof.top_k, one_node, a.a2a_dim, a.a2a_ffn, a.a2a_tokens,
-                      a.a2a_repeats, a.seed)
+        res = measure(prof, one_node, a.a2a_dim, a.a2a_ffn, a.a2a_tokens, a.a2a_steps, a.seed)
         print_table(res, a.ranks, a.a2a_tokens, a.a2a_dim)
     if a.out and last is not None:
         last.to_json(a.out)
