@@ -63,7 +63,20 @@ def run_main(argv, timeout_s: float = 20.0):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        _end_of_process()
     return rc, out.getvalue(), err.getvalue(), exc, time.perf_counter() - t0
+
+
+def _end_of_process() -> None:
+    """What the end of a `kiln` process does that the next in-process case must see: the run-dir locks
+    kiln.trainer.run_dir holds for the life of its process are dropped."""
+    import sys
+
+    run_dir = sys.modules.get("kiln.trainer.run_dir")
+    for f in getattr(run_dir, "_CLAIMS", []):
+        f.close()
+    if run_dir is not None:
+        run_dir._CLAIMS.clear()
 
 
 def classify(name: str, kind: str, rc, stdout: str, stderr: str, exc, seconds: float) -> Result:

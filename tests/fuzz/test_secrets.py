@@ -5,19 +5,11 @@ log, checkpoints, the W&B offline folder) and the sbatch script `kiln submit` re
 Each planted variable carries a unique marker; every byte a real run wrote is searched for them.
 """
 import os
-import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.trainer.conftest import kiln
-
-
-def planted() -> dict:
-    """Secret-looking variables, each with its own marker value."""
-    names = ["WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MY_SECRET", "DB_PASSWORD", "AWS_SECRET_ACCESS_KEY",
-             "GITHUB_TOKEN", "OPENAI_API_KEY", "KILN_TEST_PASSWORD_2"]
-    return {n: f"mk{uuid.uuid4().hex}" for n in names}
+from tests.fuzz.conftest import planted
 
 
 def leaks(root: Path, markers: dict) -> list:
@@ -31,15 +23,8 @@ def leaks(root: Path, markers: dict) -> list:
 
 
 @pytest.mark.slow
-def test_planted_secrets_never_reach_the_run_dir(small_recipe, tmp_path, monkeypatch):
-    markers = planted()
-    for name, value in markers.items():
-        monkeypatch.setenv(name, value)
-    # WANDB_API_KEY set: kiln would log online; the test machine has no network, so W&B runs offline
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    res = kiln("train", small_recipe, "--nproc", "1", "--set", "train.steps=2", "--set", "checkpoint.every=2",
-               "--set", "logging.wandb.mode=offline")
-    run = tmp_path / "runs" / "small"
+def test_planted_secrets_never_reach_the_run_dir(trained_run):
+    _, run, markers, res = trained_run
     assert (run / "wandb").is_dir() and (run / "console.log").is_file() and (run / "checkpoints").is_dir()
     assert any(run.glob("wandb/offline-run-*/run-*.wandb")), "W&B wrote no offline run to search"
     assert leaks(run, markers) == []
