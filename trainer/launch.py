@@ -69,6 +69,61 @@ def init_distributed(device, timeout_s: float = 600.0) -> None:
                 print(line, flush=True)
 
 
+def extensions_root() -> Path:
+    """The folder torch JIT-builds C++ extensions into (DeepSpeed's shm comm op on CPU):
+    TORCH_EXTENSIONS_DIR, else torch's default build root and a py<ver>_<accelerator> folder, as
+    torch.utils.cpp_extension._get_build_directory names them."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    acc = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+           f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+    return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}_{acc}"
+
+
+def lock_holders(lock: Path) -> list[int] | None:
+    """The processes that hold `lock` open (torch's FileBaton keeps its file open while it builds),
+    from /proc; None when a Python process's files cannot be read (then kiln cannot tell)."""
+    target, holders, unknown = str(lock.resolve()), [], False
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
+                holders.append(int(proc.name))
+        except FileNotFoundError:  # the process ended meanwhile
+            continue
+        except PermissionError:  # another user's process (or a sandbox's init): a builder only if Python's
+            try:
+                unknown = unknown or b"python" in (proc / "cmdline").read_bytes()
+            except OSError:
+                pass
+    return holders if holders or not unknown else None
+
+
+def clear_stale_build_locks(root: Path | None = None) -> list[str]:
+    """Before the ranks start: a build of a JIT extension that was interrupted (Ctrl-C during the
+    first DeepSpeed op build) leaves torch's `lock` file behind, and every later build waits on it
+    forever, silently. Remove each lock no live process holds; name the others. One line each."""
+    root = extensions_root() if root is None else root
+    said = []
+    for lock in sorted(root.glob("*/lock")):
+        holders = lock_holders(lock)
+        if holders == []:
+            lock.unlink(missing_ok=True)
+            said.append(f"kiln: removed {lock}, a build lock no process holds (a build of {lock.parent.name} "
+                        "was interrupted): the op builds again")
+        elif holders is None:
+            said.append(f"kiln: warning: {lock} (a lock of torch's extension build) exists and kiln cannot tell "
+                        f"whether a build holds it; if the ranks wait with no output and no build runs, remove it")
+        else:
+            said.append(f"kiln: process {holders[0]} is building {lock.parent.name} (it holds {lock}); the ranks "
+                        "wait for it")
+    return said
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,8 +132,11 @@ def _free_port() -> int:
 
 def launch_local(nproc: int, run_dir: Path, data_dir: Path, device: str = "auto") -> int:
     """Run `nproc` ranks of kiln.trainer.worker on this machine under torchrun; its exit code."""
+    for line in clear_stale_build_locks():  # DeepSpeed JIT-builds ops (on CPU, its shm comm op)
+        print(line, file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "kiln.trainer.torchrun", f"--nproc-per-node={nproc}",
            "--nnodes=1", f"--master-port={_free_port()}", "--master-addr=127.0.0.1",
+           "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT",  # not SIGTERM: relay_stop_signals passes it on
            "-m", "kiln.trainer.worker", "--run-dir", str(run_dir), "--data-dir", str(data_dir)]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
@@ -88,13 +146,20 @@ def launch_local(nproc: int, run_dir: Path, data_dir: Path, device: str = "auto"
     env["KILN_PARENT_PID"] = str(os.getpid())
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     relay = _Relay()
-    while True:
-        try:
-            relay.pump(proc.stderr)
-            break
-        except KeyboardInterrupt:  # torchrun forwards the signal to the ranks; keep draining
-            relay.interrupted = True
-    rc = proc.wait()
+    # SIGTERM / SIGUSR1 (a preemption, `kill`, `timeout`): passed on to torchrun, which passes them
+    # to the ranks (kiln.trainer.torchrun); they checkpoint at the end of the step and exit cleanly
+    before = {s: signal.signal(s, lambda signum, frame: _send(proc.pid, signum)) for s in STOP_SIGNALS}
+    try:
+        while True:
+            try:
+                relay.pump(proc.stderr)
+                break
+            except KeyboardInterrupt:  # torchrun forwards the signal to the ranks; keep draining
+                relay.interrupted = True
+        rc = proc.wait()
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
     from kiln.trainer.checkpoint import latest_tag
 
     tag = latest_tag(run_dir)
@@ -107,18 +172,77 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def die_with_parent(parent: int) -> None:
-    """Ask for SIGTERM when the parent process `parent` dies (kill -9, OOM killer), so that torchrun
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # checkpoint at the end of the step, then exit
+
+
+def _send(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (from /proc; Linux)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # the field after the name: ppid
+                out.append(int(entry.name))
+    return out
+
+
+def relay_stop_signals() -> None:
+    """In torchrun's process: pass SIGTERM and SIGUSR1 on to the ranks (its children) instead of
+    stopping them, so that they stop at a step boundary after a checkpoint (hooks/stop.py) and
+    torchrun ends when they do. torchrun's own SIGTERM handler kills the ranks after 30 s; it is
+    told to leave SIGTERM alone (launch_local's --signals-to-handle). SIGINT, SIGHUP and SIGQUIT
+    keep torchrun's handling."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, lambda signum, frame: [_send(c, signum) for c in children(os.getpid())])
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGHUP) -> None:
+    """Ask for `sig` when the parent process `parent` dies (kill -9, OOM killer), so that torchrun
     stops its ranks instead of leaving them training on unsupervised (Linux only). Set in the child
-    itself rather than by Popen's preexec_fn, which can deadlock in a parent with threads."""
+    itself rather than by Popen's preexec_fn, which can deadlock in a parent with threads. SIGHUP,
+    not SIGTERM: torchrun passes SIGTERM on to the ranks as a request to checkpoint and stop."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
     if os.getppid() != parent:  # it died before the request was in place
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
+
+
+def exit_rank(rc: int) -> None:
+    """End this rank now with exit status `rc`, its work done (the run's last barrier passed, the
+    metrics and the last checkpoint written) and its output flushed, skipping the interpreter's
+    teardown: there, after tagged batch_isend_irecv on gloo (TokenRing), torch's process-group
+    threads are destroyed in an order that sometimes aborts the process ("terminate called
+    without an active exception", SIGABRT), plain torch too; kiln's exit status must not depend
+    on it. Only for a process that is one rank (kiln.trainer.worker). os._exit runs no atexit
+    handler, so a background checkpoint still being written (checkpoint.async_save, a stop on a
+    signal) is finished here first."""
+    from kiln.trainer import checkpoint_async
+
+    try:
+        checkpoint_async.wait()
+    except Exception as e:  # noqa: BLE001 - its failure is this rank's last word
+        sys.stderr.write(f"kiln: error: the last checkpoint was not saved: {e}\n")
+        rc = rc or 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)
 
 
 def watch_parent(interval: float = 0.1) -> None:

@@ -4,8 +4,10 @@ preemption (slurm.signal, USR1 by default) and SIGTERM.
 A signal reaches the ranks at different moments, so the handler only notes it; at each step end
 the note is all-reduced (the highest signal number wins) and every rank stops after the same
 step. The loop then saves a checkpoint there and the run ends (kiln.trainer.loop, the
-`should_stop` event). Handlers are installed only inside a Slurm job step: a local `kiln train`
-keeps today's behaviour (Ctrl-C stops at once and keeps the newest periodic checkpoint).
+`should_stop` event). Every rank notes SIGTERM and SIGUSR1 (kiln.trainer.worker; inside a Slurm
+job step, slurm.signal and SIGTERM: kiln.trainer.slurm_job); `kiln train` and torchrun pass
+both on to the ranks (kiln.trainer.launch). SIGINT keeps today's behaviour: Ctrl-C stops at once
+and keeps the newest periodic checkpoint.
 """
 import json
 import signal
