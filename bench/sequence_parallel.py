@@ -1,6 +1,6 @@
 """TokenRing vs Ring Attention vs DeepSpeed-Ulysses: fwd+bwd time, bytes per direction, balance.
 
-    .venv/bin/python bench/sequence_parallel.py [--ranks 2 4] [--seq 1024 2048 4096] [--iters 5]
+    .venv/bin/python bench/sequence_parallel.py [--ranks 2 4] [--seq 1024 2048] [--iters 3]
 
 Runs real gloo ranks on CPU (one torch thread each), fp32, causal, the three algorithms on the
 same global q/k/v (zigzag shards for the rings, contiguous ones for Ulysses, which all-to-alls
@@ -81,11 +81,11 @@ def _worker(rank, world, shapes, iters):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--seq", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--gqa-kv-heads", type=int, default=2, help="extra GQA row at the middle S")
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=3)
     args = ap.parse_args()
     shapes = [(s, args.heads, args.heads, args.head_dim) for s in args.seq]
     if args.gqa_kv_heads:
