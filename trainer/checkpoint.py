@@ -144,7 +144,7 @@ def save(engine, run_dir: Path, step: int, parts: dict, recipe_dict: dict, keep:
         for part in parts.values():
             if hasattr(part, "save_files"):
                 part.save_files(root / tag)
-    dist.barrier()
+    # no barrier here: nothing reads kiln's files before publish(), which waits for every rank
     client = {"kiln": state}
     if background:
         with _writing(run_dir, tag):
