@@ -6,7 +6,7 @@ import time
 import pytest
 
 from kiln.trainer.launch import _Relay
-from tests.trainer.conftest import ROOT, losses
+from tests.trainer.conftest import ROOT, kiln, losses
 
 
 @pytest.mark.slow
@@ -83,3 +83,100 @@ def test_relay_shows_the_report_when_a_rank_crashed(capsys):
     r.interrupted = True
     r.pump(__import__("io").BytesIO(crash + AGENT_REPORT))
     assert r.finish(1) == 130 and capsys.readouterr().err == "step 1\n"
+
+
+def test_a_stale_build_lock_is_removed(tmp_path, monkeypatch):
+    from kiln.trainer.launch import clear_stale_build_locks, extensions_root
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert extensions_root() == tmp_path
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()  # what an interrupted build leaves: torch's FileBaton file, nobody holding it
+    assert clear_stale_build_locks() == [
+        f"kiln: removed {lock}, a build lock no process holds (a build of deepspeed_shm_comm was "
+        "interrupted): the op builds again"]
+    assert not lock.exists()
+    assert clear_stale_build_locks() == []
+
+
+def test_a_held_build_lock_is_left_to_its_builder(tmp_path):
+    from kiln.trainer.launch import clear_stale_build_locks
+
+    lock = tmp_path / "op" / "lock"
+    lock.parent.mkdir()
+    builder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; "
+                                f"fd = os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); print(1, flush=True); "
+                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert builder.stdout.readline() == "1\n"  # it holds the lock, as FileBaton does while building
+        assert clear_stale_build_locks(tmp_path) == [
+            f"kiln: process {builder.pid} is building op (it holds {lock}); the ranks wait for it"]
+        assert lock.exists()
+    finally:
+        builder.kill()
+        builder.wait()
+    assert clear_stale_build_locks(tmp_path)[0].startswith(f"kiln: removed {lock}")
+
+
+@pytest.mark.slow
+def test_kiln_train_goes_past_a_planted_build_lock(small_recipe, tmp_path, monkeypatch):
+    """The reported hang: a lock left in the extensions folder made every later `kiln train` wait
+    forever with no output. A copy of the built op (the real cache is left alone) plus a lock."""
+    import shutil
+
+    from kiln.trainer.launch import extensions_root
+
+    built = extensions_root() / "deepspeed_shm_comm"
+    ext = tmp_path / "ext"
+    if (built / "deepspeed_shm_comm.so").exists():
+        shutil.copytree(built, ext / "deepspeed_shm_comm", ignore=shutil.ignore_patterns("lock"))
+    (ext / "deepspeed_shm_comm").mkdir(parents=True, exist_ok=True)
+    (ext / "deepspeed_shm_comm" / "lock").touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
+    res = kiln("train", small_recipe, "--set", "train.name=lock", "--set", "train.steps=2", timeout=400)
+    assert f"kiln: removed {ext / 'deepspeed_shm_comm' / 'lock'}, a build lock no process holds" in res.stderr
+    assert "kiln: done." in res.stdout
+
+
+# Two gloo ranks trade tagged batch_isend_irecv (as TokenRing does) and end; with a plain exit,
+# torch's teardown sometimes aborts ("terminate called without an active exception").
+P2P_EXIT = """
+import sys
+import torch
+import torch.distributed as dist
+dist.init_process_group("gloo")
+r, w = dist.get_rank(), dist.get_world_size()
+x, y = torch.full((1024,), float(r)), torch.empty(1024)
+for tag in range(4):
+    ops = [dist.P2POp(dist.isend, x, (r + 1) % w, tag=tag), dist.P2POp(dist.irecv, y, (r - 1) % w, tag=tag)]
+    for q in dist.batch_isend_irecv(ops):
+        q.wait()
+dist.barrier()
+assert y[0].item() == (r - 1) % w
+print("ok", flush=True)
+from kiln.trainer.launch import exit_rank
+exit_rank(0)
+"""
+
+
+def _p2p_exit() -> list[tuple[int, str]]:
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", P2P_EXIT], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+                                       WORLD_SIZE="2", OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    return [(p.wait(timeout=120), p.stdout.read()) for p in procs]
+
+
+@pytest.mark.slow
+def test_a_rank_exit_after_tagged_p2p_never_aborts():
+    for trial in range(16):
+        for rc, out in _p2p_exit():
+            assert (rc, out) == (0, "ok\n"), f"trial {trial}: exit status {rc}: {out[-500:]}"
