@@ -24,6 +24,7 @@ from kiln.parallel.config import ParallelConfig
 from kiln.slurm.config import SlurmConfig
 from kiln.trainer.objectives.config import ObjectiveConfig
 from kiln.trainer.optim import OptimConfig, ScheduleConfig
+from kiln.trainer import yaml_bounds
 from kiln.trainer.run_config import CheckpointConfig, LoggingConfig, TrainConfig
 
 
@@ -260,76 +261,12 @@ def _yaml_problem(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-# A recipe is a few hundred lines; these bounds stop a hostile one (a "billion laughs" of nested
-# aliases expands to 10^9 nodes from a few hundred bytes) before anything expands it.
-MAX_RECIPE_BYTES = 1 << 20
-MAX_RECIPE_NODES = 100_000
-
-
-MAX_RECIPE_DEPTH = 100
-
-
-def _nesting(text: str) -> int:
-    """An upper bound of a YAML text's nesting depth: the deepest flow brackets ([ {) outside quotes,
-    or the widest indentation, whichever is larger."""
-    deepest = depth = 0
-    for line in text.splitlines():
-        deepest = max(deepest, len(line) - len(line.lstrip(" ")))
-        quote = ""
-        for ch in line:
-            if quote:
-                quote = "" if ch == quote else quote
-            elif ch in "'\"":
-                quote = ch
-            elif ch == "#":
-                break
-            elif ch in "[{":
-                depth += 1
-                deepest = max(deepest, depth)
-            elif ch in "]}":
-                depth = max(0, depth - 1)
-    return deepest
-
-
-def _expanded_nodes(node, memo: dict, depth: int = 0) -> int:
-    """Nodes of a composed YAML tree counted as if every alias were expanded (each shared node is
-    counted once per reference, computed once); a self-referencing alias counts as unbounded."""
-    key = id(node)
-    if key in memo:
-        if memo[key] is None:  # still being counted: the node contains itself
-            return MAX_RECIPE_NODES + 1
-        return memo[key]
-    if depth > 200:
-        return MAX_RECIPE_NODES + 1
-    memo[key] = None
-    n = 1
-    if isinstance(node, yaml.SequenceNode):
-        n += sum(_expanded_nodes(c, memo, depth + 1) for c in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        n += sum(_expanded_nodes(k, memo, depth + 1) + _expanded_nodes(v, memo, depth + 1) for k, v in node.value)
-    memo[key] = n = min(n, MAX_RECIPE_NODES + 1)
-    return n
-
-
 def check_yaml_size(text: str, what: str):
-    """ConfigError if YAML `text` is too big, or would expand (aliases) past MAX_RECIPE_NODES; its
-    composed root node (None when it is not valid YAML: the loader then reports where)."""
-    if len(text) > MAX_RECIPE_BYTES:
-        raise ConfigError(f"{what} is {len(text):,} characters, more than a recipe needs "
-                          f"({MAX_RECIPE_BYTES:,} at most): is it the right file?")
-    if _nesting(text) > MAX_RECIPE_DEPTH:  # PyYAML composes recursively: refuse before the stack runs out
-        raise ConfigError(f"{what} nests lists or mappings too deeply for a recipe (more than "
-                          f"{MAX_RECIPE_DEPTH} levels): flatten it")
+    """kiln.trainer.yaml_bounds.check_yaml_size, its faults as ConfigError lines."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return None  # the loader reports the syntax error with its line and column
-    except RecursionError:  # PyYAML composes nested flow collections recursively
-        raise ConfigError(f"{what} nests lists or mappings too deeply for a recipe: flatten it") from None
-    if node is not None and _expanded_nodes(node, {}) > MAX_RECIPE_NODES:
-        raise ConfigError(f"{what} expands to more than {MAX_RECIPE_NODES:,} values through YAML aliases "
-                          "(&anchor / *alias), or refers to itself: write the values out, or use fewer aliases")
-    return node
+        return yaml_bounds.check_yaml_size(text, what)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def load_yaml(path) -> dict:
@@ -338,9 +275,9 @@ def load_yaml(path) -> dict:
     if not p.is_file():
         raise ConfigError(f"recipe file '{path}' not found: pass a path such as recipes/tiny.yaml")
     try:
-        if p.stat().st_size > MAX_RECIPE_BYTES:
+        if p.stat().st_size > yaml_bounds.MAX_RECIPE_BYTES:
             raise ConfigError(f"recipe '{path}' is {p.stat().st_size:,} bytes, more than a recipe needs "
-                              f"({MAX_RECIPE_BYTES:,} at most): is it the right file?")
+                              f"({yaml_bounds.MAX_RECIPE_BYTES:,} at most): is it the right file?")
         text = p.read_text()
         if not text.strip():
             raise ConfigError(f"recipe '{path}' is empty: start from recipes/tiny.yaml")
