@@ -183,3 +183,19 @@ def test_trained_run_cases(trained_run, tmp_path):
     print("\n" + report(results))
     assert not failures(results), "\n".join(failures(results))
     assert all(r.outcome == "refused" for r in results), "\n".join(r.describe() for r in results)
+
+
+def test_deepspeed_batch_keys_are_honoured_or_refused_naming_the_kiln_knob():
+    from kiln.trainer.batches import derive_grad_accum
+    from kiln.trainer.config import from_dict
+
+    r = from_dict({"train": {"micro_batch": 4, "nproc": 2}, "data": {"seq_len": 64},
+                   "deepspeed": {"train_batch_size": 32, "gradient_clipping": 0.5}})
+    assert r.train.global_batch == 32 and r.deepspeed == {"gradient_clipping": 0.5}
+    assert derive_grad_accum(r, 2) == 4  # 32 sequences = 4 micro-batches of 4 on 2 ranks
+    with pytest.raises(ConfigError, match=r"deepspeed.train_micro_batch_size_per_gpu=3 contradicts "
+                                          r"train.micro_batch=4: .* remove deepspeed.train_micro_batch_size_per_gpu"):
+        from_dict({"train": {"micro_batch": 4}, "deepspeed": {"train_micro_batch_size_per_gpu": 3}})
+    with pytest.raises(ConfigError, match=r"deepspeed.train_batch_size must be a positive int, got 'x': .*"
+                                          r"--set train.global_batch=N"):
+        from_dict({"deepspeed": {"train_batch_size": "x"}})
