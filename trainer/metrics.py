@@ -24,6 +24,10 @@ CATALOGUE = [
     ("train/loss", "number", "nats/token", "objective loss, mean over the window's steps and all ranks"),
     ("train/lr", "number", "", "learning rate at the record's step"),
     ("train/grad_norm", "number", "", "global gradient norm (NaN where DeepSpeed does not report one)"),
+    ("train/skipped_steps", "integer", "steps", "steps skipped so far with no optimizer update: a non-finite loss or "
+     "gradient norm, or a spike with train.spike_skip (kiln.trainer.hooks.guard)"),
+    ("train/loss_spikes", "integer", "steps", "steps so far whose loss was above the mean + train.spike_sigma "
+     "standard deviations of the last train.spike_window steps"),
     ("train/tokens", "integer", "tokens", "input tokens trained on so far, all ranks (also in eval records)"),
     ("train/flops", "number", "FLOP", "training FLOPs so far, all ranks (6N + attention, both models for ELECTRA)"),
     ("perf/tokens_per_s", "number", "tokens/s", "global training throughput over the window"),
@@ -90,11 +94,11 @@ CATALOGUE = [
 # What each record kind must hold (the schema's anyOf).
 KINDS = {"train": ["train/loss", "train/lr", "train/tokens", "perf/tokens_per_s", "perf/mfu_pct"],
          "eval": ["eval/loss", "eval/ppl"],
+         "eval_buckets": ["eval/buckets"],  # decompose: eval/loss_b{k}, just before its eval record
          "step": ["data/bucket", "data/seq_len", "data/batch_size"],
          "event": ["growth/event"]}
 
 # Names before the catalogue (session 1-7 run directories) -> today's.
-         "eval_buckets": ["eval/buckets"],  # decompose: eval/loss_b{k}, just before its eval record
 OLD_NAMES = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens": "train/tokens",
              "flops": "train/flops", "tokens_per_s": "perf/tokens_per_s", "mem_gb": "perf/mem_peak_gb",
              "time/step_s": "perf/step_s", "time/data_s": "perf/data_s", "time/fwd_bwd_s": "perf/fwd_bwd_s",
