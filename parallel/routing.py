@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kiln.parallel.comm import COMM_STATS
 from kiln.parallel.expert import moe_blocks
 from kiln.parallel.placement.io import RoutingProfile
 from kiln.parallel.placement.metrics import rank_loads, rank_traffic
@@ -62,7 +63,7 @@ class RoutingProfiler:
 
     def _hook(self, l: int):
         def hook(module, inputs, output):
-            if not self.active:
+            if not self.active or COMM_STATS.replaying:  # an activation-checkpoint replay routes again
                 return
             idx = output[0].detach()
             E = self.experts

@@ -48,6 +48,8 @@ def inapplicable(recipe) -> str:
         return "MoE (model.mlp=moe)"
     if recipe.data.packing != "concat":
         return f"data.packing={recipe.data.packing}"
+    if recipe.train.activation_checkpointing != "none":  # recompute inside compiled blocks: untested
+        return f"train.activation_checkpointing={recipe.train.activation_checkpointing}"
     return ""
 
 

@@ -209,6 +209,14 @@ def _check_combination(r: Recipe) -> None:
     if r.objective.name in ("clm", "meap") and not r.model.causal:
         raise ConfigError(f"objective.name={r.objective.name} needs model.causal=true (an encoder would see the "
                           "tokens it predicts)")
+    if r.objective.name in ("mlm", "electra") and r.model.causal:
+        raise ConfigError(f"objective.name={r.objective.name} trains a bidirectional encoder: set model.causal=false")
+    if r.parallel.sp > 1 and r.parallel.sp_impl == "ulysses":
+        from kiln.parallel.ulysses import ulysses_refusal  # imports torch only when Ulysses is asked for
+
+        why = ulysses_refusal(r.model.n_heads, r.model.kv_heads, r.parallel.sp)
+        if why:
+            raise ConfigError(why)
     if r.growth.op != "none":  # the small stage must be a valid recipe, growing inside the run
         from kiln.trainer.stages import stage_specs
 

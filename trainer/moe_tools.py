@@ -27,9 +27,10 @@ def _run_recipe(run_dir: Path):
 
 def place_run(run_dir, ranks: int | None = None, nodes: int = 1, time_limit: float = 60.0,
               profile: str | None = None, strategy: str = "ilp", refine: bool = False,
-              min_balance: float = 0.95):
+              min_balance: float = 0.95, coselect: bool | None = None):
     """Solve the placement for `run_dir`'s latest routing profile; write run_dir/placement.json.
-    Returns (PlacementResult, contiguous metrics dict, path)."""
+    `coselect` (None: as the run's parallel.moe_dedup) adds the co-selection objective, which
+    cuts all-to-all bytes under dedup dispatch. Returns (PlacementResult, contiguous metrics dict, path)."""
     run_dir = Path(run_dir)
     recipe = _run_recipe(run_dir)
     if recipe.model.mlp != "moe":
@@ -44,7 +45,10 @@ def place_run(run_dir, ranks: int | None = None, nodes: int = 1, time_limit: flo
     prof = RoutingProfile.load(str(path))
     topo = Topology(ranks=ranks, nodes=nodes)
     cost = cost_model(recipe.model, bf16=recipe.train.precision != "fp32")
-    res = place(prof, strategy, topo, cost, time_limit=time_limit, refine=refine, min_balance=min_balance)
+    if coselect is None:
+        coselect = strategy == "ilp" and recipe.parallel.moe_dedup and prof.coselect is not None
+    res = place(prof, strategy, topo, cost, time_limit=time_limit, refine=refine, min_balance=min_balance,
+                coselect=coselect)
     base = evaluate(prof, contiguous_placement(prof.layers, prof.experts, ranks), topo, cost).to_dict()
     res.solver = {**res.solver, "profile": str(path)}
     out = run_dir / "placement.json"
@@ -99,6 +103,11 @@ def format_place(res, base: dict, out: Path) -> str:
     if gap is not None:
         lines.append(f"  solver: gap {gap:.4f}, {res.solver.get('solve_time_s', 0):.1f}s "
                      f"(limit {res.solver.get('time_limit_s')}s)")
+    cos = res.solver.get("coselect")
+    if cos:
+        lines.append(f"  co-selection: {cos['kept_pairs_before'] / max(cos['pairs'], 1):.3f} -> "
+                     f"{cos['kept_fraction']:.3f} of the pairs a token chooses together on one rank "
+                     "(fewer all-to-all rows under parallel.moe_dedup)")
     lines.append(f"  resume with: --set parallel.placement={out}")
     return "\n".join(lines)
 

@@ -101,7 +101,7 @@ def test_compile_refuses_other_values(tmp_path):
 
 def test_bad_choice(tmp_path):
     msg = error_of(tmp_path, "parallel:\n  sp_impl: tokenrng\n")
-    assert "parallel.sp_impl must be one of ['tokenring', 'ring']" in msg and "did you mean 'tokenring'" in msg
+    assert "parallel.sp_impl must be one of ['tokenring', 'ring', 'ulysses']" in msg and "did you mean 'tokenring'" in msg
 
 
 def test_impossible_combinations(tmp_path):

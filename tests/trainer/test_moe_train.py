@@ -38,6 +38,8 @@ def test_train_place_resume_profile(small_recipe, tmp_path):
     assert p.shape == (2, 4) and sorted(np.bincount(p.ravel()).tolist()) == [4, 4]
     assert "balancedness" in res.stdout and "cross-rank fraction" in res.stdout
     assert "HiGHS" not in res.stdout  # the solver's banner stays out of kiln's output
+    assert "co-selection:" in res.stdout  # the run dedups and its profile counts pairs: coselect is on
+    assert "coselect" in doc["solver"] and doc["solver"]["coselect"]["pairs"] > 0
     kiln("place", run, "--time-limit", "10", "--refine", "--min-balance", "0.9")
     refined = json.loads((run / "placement.json").read_text())
     s3 = refined["solver"]["stage3"]  # stage 3 ran, kept the constraints, and never added traffic

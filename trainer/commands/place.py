@@ -16,6 +16,12 @@ def add_parser(sub) -> None:
                    help="placement strategy (default ilp)")
     p.add_argument("--refine", action="store_true",
                    help="ilp: add kiln's stage 3, which cuts cross-rank traffic under a balance floor")
+    c = p.add_mutually_exclusive_group()
+    c.add_argument("--coselect", dest="coselect", action="store_true", default=None,
+                   help="ilp: co-locate experts one token chooses together (fewer all-to-all bytes under "
+                        "parallel.moe_dedup; the default when the run dedups and its profile counts pairs)")
+    c.add_argument("--no-coselect", dest="coselect", action="store_false",
+                   help="ilp: balance and cross-layer traffic only (MoETuner's objective)")
     p.add_argument("--min-balance", type=float, default=0.95,
                    help="with --refine: each layer keeps balancedness >= min(this, its ILP value)")
 
@@ -29,6 +35,6 @@ def run(args) -> int:
         raise ConfigError("kiln place needs --ranks >= 2, --nodes >= 1, --time-limit > 0 "
                           "and 0 <= --min-balance <= 1")
     res, base, out = place_run(args.run_dir, args.ranks, args.nodes, args.time_limit, args.profile,
-                               args.strategy, args.refine, args.min_balance)
+                               args.strategy, args.refine, args.min_balance, args.coselect)
     print(format_place(res, base, out))
     return 0
