@@ -30,6 +30,9 @@ class DataConfig:
         "help": "vocabulary size of the trained BPE (ignored when data.tokenizer is set)"})
     seq_len: int = field(default=256, metadata={
         "help": "tokens per training sample", "min": 1})
+    sft_file: str = field(default="", metadata={
+        "help": "objective.meap.sft: a jsonl of {\"prompt\": ..., \"response\": ...} lines, tokenised with the "
+                "corpus's tokenizer into data.seq_len rows (the corpus still gives the held-out loss)"})
     heldout_percent: float = field(default=2.0, metadata={
         "help": "percent of documents (by a stable hash of path/index) held out for evaluation",
         "gt": 0, "lt": 100})

@@ -74,8 +74,14 @@ def _decomposed(recipe, data):
 
 
 def train_batches(recipe, data, mesh):
-    """The training BatchSource of this rank: concat-and-chunk or decomposition buckets."""
+    """The training BatchSource of this rank: concat-and-chunk, decomposition buckets, or the
+    prompt/response rows of data.sft_file (objective.meap.sft)."""
     d, t = recipe.data, recipe.train
+    if recipe.objective.name == "meap" and recipe.objective.meap.sft:
+        from kiln.data.sft import SftBatches, encode_sft, read_sft_jsonl
+
+        rows = encode_sft(read_sft_jsonl(d.sft_file), data.tokenizer(), d.seq_len, data.eot_id, data.pad_id)
+        return SftBatches(rows, t.micro_batch, mesh.dp_rank, mesh.dp, t.seed, t.grad_accum)
     if d.packing == "decompose":
         from kiln.data.decompose_loader import build_decompose_loader
 

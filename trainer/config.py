@@ -209,6 +209,15 @@ def _check_combination(r: Recipe) -> None:
     if r.objective.name in ("clm", "meap") and not r.model.causal:
         raise ConfigError(f"objective.name={r.objective.name} needs model.causal=true (an encoder would see the "
                           "tokens it predicts)")
+    if r.objective.meap.sft:
+        if r.objective.name != "meap":
+            raise ConfigError(f"objective.meap.sft applies to objective.name=meap (not {r.objective.name}): "
+                              "set objective.name=meap or remove objective.meap.sft")
+        if not r.data.sft_file or not Path(r.data.sft_file).is_file():
+            raise ConfigError(f"objective.meap.sft needs data.sft_file, a prompt/response jsonl (got "
+                              f"{r.data.sft_file!r}): --set data.sft_file=PATH")
+        if r.data.packing != "concat":
+            raise ConfigError("objective.meap.sft trains on fixed-length prompt/response rows: use data.packing=concat")
     if r.objective.name in ("mlm", "electra") and r.model.causal:
         raise ConfigError(f"objective.name={r.objective.name} trains a bidirectional encoder: set model.causal=false")
     if r.parallel.sp > 1 and r.parallel.sp_impl == "ulysses":

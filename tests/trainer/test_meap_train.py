@@ -40,3 +40,27 @@ def test_meap_sequence_parallel_run_follows_the_single_rank_run(small_recipe, tm
         assert abs(got[step] - ref[step]) < 1e-4 * ref[step], (step, got[step], ref[step])
     rates = [[r["objective/mask_rate"] for r in metrics(tmp_path / "runs" / n) if "train/loss" in r] for n in ("sp1", "sp2")]
     assert rates[0] == rates[1]
+
+
+def test_meap_sft_trains_on_response_labels_and_masked_copies(small_recipe, tmp_path, capsys):
+    """objective.meap.sft on a prompt/response jsonl: each step trains the rows and their masked
+    copies (twice the FLOPs per input token), masking ~10% of response inputs; a recipe without
+    the file is one line."""
+    from kiln.model import ModelConfig, flops_per_token
+    from kiln.trainer.cli import main
+
+    pairs = tmp_path / "sft.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"def add_{i}(x):\n", "response": f"    return x + {i}\n" * 4})
+                             + "\n" for i in range(40)))
+    sft = ["--set", "objective.name=meap", "--set", "objective.meap.sft=true", "--set", "train.steps=3",
+           "--set", "checkpoint.every=3", "--set", "train.name=sft"]
+    assert main(["train", str(small_recipe), *sft]) == 2
+    assert "objective.meap.sft needs data.sft_file" in capsys.readouterr().err
+    kiln("train", small_recipe, *sft, "--set", f"data.sft_file={pairs}")
+    train = [r for r in metrics(tmp_path / "runs" / "sft") if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3] and all(0 < r["train/loss"] < 7 for r in train)
+    cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
+    for r in train:  # 2 ranks x 4 rows x 64 tokens per step; each row also trains as its masked copy
+        assert r["train/tokens"] == r["step"] * 512
+        assert r["train/flops"] == pytest.approx(r["train/tokens"] * 2 * flops_per_token(cfg, 64), rel=1e-12)
+        assert 0.03 < r["objective/mask_rate"] < 0.2  # 10% of the response positions

@@ -11,6 +11,11 @@ class MeapConfig:
     same_positions_per_batch: bool = field(default=False, metadata={
         "help": "true = one set of positions per step for every row (the authors' code); "
                 "false = fresh positions per row"})
+    sft: bool = field(default=False, metadata={
+        "help": "MEAP's SFT variant: train on data.sft_file's prompt/response pairs, labels on the response only, "
+                "each example also as a copy with sft_mask_ratio of its response inputs masked"})
+    sft_mask_ratio: float = field(default=0.1, metadata={
+        "help": "objective.meap.sft: fraction of response input positions masked in the copy", "gt": 0, "lt": 1})
 
 
 @dataclass

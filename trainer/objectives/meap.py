@@ -57,7 +57,8 @@ class MEAP(CausalLM):
             raise ValueError("MEAP needs the tokenizer's MASK id (kiln.data.tokenizer.MASK)")
         m = cfg.meap
         return cls(model, mask_id=mask_id, mask_ratio=m.mask_ratio, same_positions=m.same_positions_per_batch,
-                   z_loss=cfg.z_loss, loss_group=loss_group, seed=seed, rank=rank)
+                   z_loss=cfg.z_loss, loss_group=loss_group, seed=seed, rank=rank, sft=m.sft,
+                   sft_ratio=m.sft_mask_ratio)
 
     def prepare_batch(self, batch: dict, step: int) -> dict:
         """The batch with masked inputs; labels, positions and document ids untouched."""
