@@ -161,7 +161,7 @@ def electra_vs_mlm(args) -> None:
     """The --compare electra bench (see the module docstring)."""
     fpt = {o: encoder_flops(o, args) for o in ("mlm", "electra")}
     steps = {"mlm": args.steps, "electra": max(1, round(args.steps * fpt["mlm"] / fpt["electra"]))}
-    seeds = list(range(1, args.seeds + 1))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     res, refs = {"mlm": [], "electra": []}, []
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
@@ -226,6 +226,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=1, help="run seeds first-seed .. first-seed + seeds - 1")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
@@ -247,7 +248,7 @@ def main():
     args = p.parse_args()
     if args.compare == "electra":
         return electra_vs_mlm(args)
-    seeds = list(range(1, args.seeds + 1))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         res = {o: [] for o in OBJECTIVES}

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from kiln.growth.ops import grow
+from kiln.infer.checkpoint_manifest import write_manifest
+from kiln.infer.load import checkpoint_state
 from kiln.model import param_count
 from kiln.trainer import checkpoint
 from kiln.trainer.stage import resolve_model
-from kiln.infer.load import checkpoint_state
 
 
 GROWN_FILE = "grown_model.pt"  # tensors only: loaded with weights_only=True, no code runs
@@ -87,6 +88,7 @@ def write_grown_checkpoint(out_dir, recipe_dict: dict, state: dict, progress: di
     (tag_dir / "kiln_recipe.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
     (tag_dir / "kiln_state.json").write_text(json.dumps({"progress": progress, "growth": {"params": list(params)}}))
     (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
+    write_manifest(tag_dir)  # a grown checkpoint verifies like a trained one
     latest = checkpoint.ckpt_root(out_dir) / "latest"
     tmp = latest.with_suffix(".tmp")
     tmp.write_text(tag)
