@@ -40,10 +40,11 @@ def test_signal_checkpoints_at_the_step_end_and_exits_cleanly(small_recipe, tmp_
     stopped = int(m[1])
     assert 3 <= stopped < 400
     assert "Traceback" not in out + err
+    assert "kiln: done" not in out  # a stop is not the run's end
     ckpts = tmp_path / "runs" / "sig" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == f"step_{stopped:08d}"
     if target == "parent":  # the same command resumes from that step and finishes
         res = kiln("train", small_recipe, "--set", "train.name=sig", "--set", "train.steps=400",
                    "--set", "checkpoint.every=1000", timeout=600)
         assert f"steps {stopped}->400" in res.stdout
-        assert "kiln: stopped" not in res.stdout
+        assert "kiln: stopped" not in res.stdout and "kiln: done" in res.stdout

@@ -71,7 +71,7 @@ def _prepare_and_launch(args, recipe, run_dir: Path, launched: bool) -> int:
         rc = launch.launch_local(recipe.train.nproc, run_dir, data.dir, recipe.train.device)
         if rc != 0:  # every rank has exited: a save this run began and did not finish can go
             after_failed_launch(run_dir, started)
-        if rc == 0:
+        if rc == 0 and _finished(run_dir, recipe):  # not after a signal's stop at a checkpoint
             print_where(run_dir, recipe)
         elif rc == 130:
             tag = latest_tag(run_dir)
@@ -128,6 +128,17 @@ def _device_memory(device: str) -> tuple[int | None, str]:
         if text.isdigit():
             have = min(have, int(text))
     return have, "this machine"
+
+
+def _finished(run_dir: Path, recipe) -> bool:
+    """Whether the newest checkpoint is the run's last step (a SIGTERM/SIGUSR1 stop exits 0 earlier)."""
+    from kiln.trainer.checkpoint import saved_state
+
+    try:
+        state = saved_state(run_dir) or {}
+    except Exception:  # noqa: BLE001 - the closing lines are a courtesy; the ranks reported any damage
+        return True
+    return int(state.get("progress", {}).get("step", recipe.train.steps)) >= recipe.train.steps
 
 
 def _train_in_world(recipe, run_dir: Path) -> int:
