@@ -15,22 +15,9 @@ from kiln.parallel.placement.metrics import CostModel
 from kiln.parallel.placement.stage1_clusters import stage1_clusters
 from kiln.parallel.placement.stage2_chain import stage2_chain
 from kiln.parallel.routing import RoutingProfiler
+from tests.parallel.fixed_router import Fixed
 
 E = 4
-
-
-class Fixed(nn.Module):
-    """A router returning given routes (E = dropped)."""
-
-    def __init__(self, idx):
-        super().__init__()
-        self.idx = torch.tensor(idx)
-        self.weight = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        z = torch.zeros(())
-        return self.idx, torch.full(self.idx.shape, 1 / 3), {"loss": z, "load_balance": z, "z": z,
-                                                             "dropped": (self.idx == E).sum()}
 
 
 def test_profiler_counts_co_selection_by_hand():
@@ -38,7 +25,7 @@ def test_profiler_counts_co_selection_by_hand():
     net = nn.Module()
     net.layers = nn.ModuleList(MoE(4, 6, MoEConfig(num_experts=E, top_k=3)) for _ in routes)
     for b, r in zip(net.layers, routes):
-        b.router = Fixed(r)
+        b.router = Fixed(r, E)
     prof = RoutingProfiler(net)
     x = torch.randn(2, 4)
     for b in net.layers:

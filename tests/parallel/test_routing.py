@@ -9,29 +9,16 @@ from kiln.parallel.routing import (RoutingProfiler, latest_profile, placement_qu
                                    wandb_heatmaps)
 from kiln.parallel.placement.io import RoutingProfile
 from kiln.model.moe import MoE, MoEConfig
+from tests.parallel.fixed_router import Fixed
 
 E = 3
-
-
-class Fixed(nn.Module):
-    """A router returning given routes (E = dropped)."""
-
-    def __init__(self, idx):
-        super().__init__()
-        self.idx = torch.tensor(idx)
-        self.weight = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        z = torch.zeros(())
-        return self.idx, torch.full(self.idx.shape, 0.5), {"loss": z, "load_balance": z, "z": z,
-                                                           "dropped": (self.idx == E).sum()}
 
 
 def _net(routes):
     net = nn.Module()
     net.layers = nn.ModuleList(MoE(4, 6, MoEConfig(num_experts=E, top_k=2)) for _ in routes)
     for b, r in zip(net.layers, routes):
-        b.router = Fixed(r)
+        b.router = Fixed(r, E)
     return net
 
 

@@ -73,7 +73,7 @@ def test_skips_in_a_row_stop_the_run(small_recipe, tmp_path, monkeypatch):
 
 
 def _guard(**cfg):
-    train = SimpleNamespace(max_skips=5, spike_sigma=3.0, spike_window=20, spike_skip=False, **cfg)
+    train = SimpleNamespace(**{"max_skips": 5, "spike_sigma": 3.0, "spike_window": 20, "spike_skip": False, **cfg})
     return GuardHook(train)
 
 
