@@ -56,6 +56,7 @@ def moe_ep_run(kiln_home):
 def kiln(*args, check=True, timeout=300, **popen):
     """Run the `kiln` CLI in a subprocess (as users do); returns CompletedProcess."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("WANDB_SERVICE", None)  # set by in-process W&B in earlier tests: a run starts its own service
     res = subprocess.run([sys.executable, "-m", "kiln.trainer.cli", *map(str, args)], cwd=ROOT,
                          capture_output=True, text=True, timeout=timeout, env=env, **popen)
     if check and res.returncode != 0:

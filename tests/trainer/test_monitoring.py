@@ -94,6 +94,7 @@ def own_wandb_service():
     wandb.teardown()
     os.environ.clear()
     os.environ.update(saved)
+    os.environ.pop("WANDB_SERVICE", None)  # whoever set it before, teardown has stopped that service
 
 
 def test_a_wandb_failure_warns_once_and_the_metrics_file_goes_on(tmp_path, capsys, own_wandb_service):
