@@ -18,15 +18,19 @@ Order: bucket b's chunks are permuted per (curriculum) epoch e by rng([seed, k, 
 step of bucket b in epoch e takes rows [j * rows, (j + 1) * rows) of that permutation. Chunks
 left over wait for a later epoch's permutation. Nothing depends on history: resume is exact.
 """
+from __future__ import annotations  # torch.Tensor in annotations: torch loads with the first batch
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .curriculum import Curriculum
 from .indexed import read_documents
 from .errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def uses_sp(seq_len: int, sp: int, sp_min_len: int) -> bool:
@@ -81,6 +85,7 @@ def load_bucket(prefix: str, k: int) -> tuple[np.ndarray, np.ndarray]:
 def chunk_batch(tokens: np.ndarray, nxt: np.ndarray, k: int, chunks: np.ndarray) -> dict[str, torch.Tensor]:
     """The batch made of the given chunks of bucket 2^k (one row each): input_ids, labels
     (the next token; a chunk's last label is the token after it or -100), position_ids."""
+    import torch
     chunks = np.sort(np.asarray(chunks, dtype=np.int64))  # sorted reads are sequential on disk
     rows = tokens[chunks].astype(np.int64)
     labels = np.empty_like(rows)

@@ -13,13 +13,18 @@ is epoch 0's order, then epoch 1's, ... Step s takes the next global batch
 disjoint slice starting at ((r * grad_accum + m) * micro_batch). Nothing depends on history,
 so a run resumed at step k sees exactly the batches the uninterrupted run would have seen.
 """
+from __future__ import annotations  # torch.Tensor in annotations: torch loads with the first batch
+
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .config import DataConfig
 from .errors import DataError
 from .indexed import open_indexed
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100
 
@@ -128,6 +133,7 @@ class ChunkLoader:
 
     def windows(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
         """The batch made of the given sample indices (one row each)."""
+        import torch
         L = self.seq_len
         starts = np.asarray(samples, dtype=np.int64) * L
         tokens = np.stack([self._tokens[s:s + L + 1] for s in starts])  # sequences are back to back

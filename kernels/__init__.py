@@ -1,48 +1,31 @@
 """kiln.kernels: fused ops, each with a torch reference and one dispatch point (dispatch.py).
 
 Layers call the functions below; which implementation runs is decided in dispatch.py only.
-Triton implementations are registered lazily: triton is imported on the first call that takes
-the Triton path, so importing kiln.kernels on a CPU machine never imports triton (that matters
-because triton fixes compile-vs-interpret when it is first imported).
+Implementations are registered lazily. Triton is imported on the first call that takes the Triton
+path, so importing kiln.kernels on a CPU machine never imports triton (that matters because triton
+fixes compile-vs-interpret when it is first imported). The torch ones load with kiln.model
+(`load()`), so importing kiln.kernels alone imports no torch.
 """
 import importlib
 import importlib.util
 
 from kiln.kernels import dispatch
-from kiln.kernels.block_attention import attention_bwd as attention_bwd_ref
-from kiln.kernels.block_attention import attention_fwd as attention_fwd_ref
 from kiln.kernels.config import KernelsConfig
-from kiln.kernels.cross_entropy import linear_cross_entropy_ref
-from kiln.kernels.eager import attention_eager, grouped_linear_eager, rms_norm_eager, rope_eager
-from kiln.kernels.moe import moe_permute_ref, moe_unpermute_ref
-from kiln.kernels.reference import attention_ref, rms_norm_ref, rope_cos_sin, rope_ref, swiglu_ref
 
-dispatch.register("rms_norm", "torch", rms_norm_eager)
-dispatch.register("swiglu", "torch", swiglu_ref)
-dispatch.register("rope", "torch", rope_eager)
-dispatch.register("attention", "torch", attention_eager)
-dispatch.register("attention_fwd", "torch", attention_fwd_ref)
-dispatch.register("attention_bwd", "torch", attention_bwd_ref)
-dispatch.register("linear_cross_entropy", "torch", linear_cross_entropy_ref)
-dispatch.register("moe_permute", "torch", moe_permute_ref)
-dispatch.register("moe_unpermute", "torch", moe_unpermute_ref)
-dispatch.register("grouped_linear", "torch", grouped_linear_eager)
-
-
-def _lazy(module: str, attr: str):
-    """A callable that imports `kiln.kernels.<module>` on first use and calls its `attr`."""
-    target = {}
-
-    def call(*args, **kwargs):
-        if not target:
-            target["fn"] = getattr(importlib.import_module(f"kiln.kernels.{module}"), attr)
-        return target["fn"](*args, **kwargs)
-
-    call.__name__ = call.__qualname__ = attr
-    call.__doc__ = f"Triton implementation kiln.kernels.{module}.{attr} (imported on first call)."
-    return call
-
-
+# Every implementation is imported on its first call, so importing kiln.kernels imports no torch:
+# the `kiln` CLI reads recipes through kiln.kernels.config without paying torch's import.
+_TORCH_OPS = {
+    "rms_norm": ("eager", "rms_norm_eager"),
+    "swiglu": ("reference", "swiglu_ref"),
+    "rope": ("eager", "rope_eager"),
+    "attention": ("eager", "attention_eager"),
+    "attention_fwd": ("block_attention", "attention_fwd"),
+    "attention_bwd": ("block_attention", "attention_bwd"),
+    "linear_cross_entropy": ("cross_entropy", "linear_cross_entropy_ref"),
+    "moe_permute": ("moe", "moe_permute_ref"),
+    "moe_unpermute": ("moe", "moe_unpermute_ref"),
+    "grouped_linear": ("eager", "grouped_linear_eager"),
+}
 _TRITON_OPS = {
     "rms_norm": ("rms_norm_triton", "rms_norm_triton"),
     "swiglu": ("swiglu_triton", "swiglu_triton"),
@@ -54,9 +37,53 @@ _TRITON_OPS = {
     "moe_permute": ("moe_triton", "moe_permute_triton"),
     "moe_unpermute": ("moe_triton", "moe_unpermute_triton"),
 }
+# the references, also importable from here (kiln.kernels.rope_cos_sin, ...), loaded on first access
+_EXPORTS = {
+    "attention_fwd_ref": ("block_attention", "attention_fwd"),
+    "attention_bwd_ref": ("block_attention", "attention_bwd"),
+    "linear_cross_entropy_ref": ("cross_entropy", "linear_cross_entropy_ref"),
+    "moe_permute_ref": ("moe", "moe_permute_ref"),
+    "moe_unpermute_ref": ("moe", "moe_unpermute_ref"),
+    **{name: ("eager", name) for name in ("attention_eager", "grouped_linear_eager", "rms_norm_eager",
+                                          "rope_eager")},
+    **{name: ("reference", name) for name in ("attention_ref", "rms_norm_ref", "rope_cos_sin", "rope_ref",
+                                              "swiglu_ref")},
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kiln.kernels' has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    return getattr(importlib.import_module(f"kiln.kernels.{module}"), attr)
+
+
+def _lazy(op: str, backend: str, module: str, attr: str):
+    """A stand-in for `kiln.kernels.<module>.<attr>` that imports it on its first call and puts it
+    in its place in the dispatch table (so later lookups return the function itself)."""
+
+    def call(*args, **kwargs):
+        fn = getattr(importlib.import_module(f"kiln.kernels.{module}"), attr)
+        dispatch.register(op, backend, fn)
+        return fn(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = attr
+    call.__doc__ = f"{backend} implementation kiln.kernels.{module}.{attr} (imported on first call)."
+    return call
+
+
+def load() -> None:
+    """Import the torch implementations now. kiln.model calls it on import, so a model's first
+    call (which may be under torch.compile) never meets an import."""
+    for op, (module, attr) in _TORCH_OPS.items():
+        dispatch.register(op, "torch", getattr(importlib.import_module(f"kiln.kernels.{module}"), attr))
+
+
+for _op, (_mod, _fn) in _TORCH_OPS.items():
+    dispatch.register(_op, "torch", _lazy(_op, "torch", _mod, _fn))
 if importlib.util.find_spec("triton") is not None:
     for _op, (_mod, _fn) in _TRITON_OPS.items():
-        dispatch.register(_op, "triton", _lazy(_mod, _fn))
+        dispatch.register(_op, "triton", _lazy(_op, "triton", _mod, _fn))
 
 
 def rms_norm(x, weight, eps: float):
@@ -133,6 +160,6 @@ def configure(cfg: KernelsConfig) -> None:
     dispatch.configure(cfg.use, cfg.ce_chunk_tokens)
 
 
-__all__ = ["KernelsConfig", "apply_rope", "attention", "attention_bwd", "attention_fwd", "configure",
+__all__ = ["KernelsConfig", "apply_rope", "attention", "attention_bwd", "attention_fwd", "configure", "load",
            "dispatch", "grouped_linear", "linear_cross_entropy", "moe_permute", "moe_unpermute", "rms_norm",
            "rope_cos_sin", "swiglu"]

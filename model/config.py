@@ -104,3 +104,10 @@ class ModelConfig:
         if self.mlp != "moe":
             return 0
         return sum(self.moe.is_moe_layer(i) for i in range(self.n_layers))
+
+
+def mlp_kind(cfg: ModelConfig, layer: int) -> str:
+    """The MLP block of layer `layer`: model.mlp, except dense where model.moe skips a layer."""
+    if cfg.mlp == "moe" and not cfg.moe.is_moe_layer(layer):
+        return "swiglu"
+    return cfg.mlp

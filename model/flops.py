@@ -37,7 +37,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def param_count(cfg: ModelConfig) -> int:
     """Parameters of a model of `cfg` without building it (count_params of the built model)."""
-    from kiln.model.transformer import mlp_kind
+    from kiln.model.config import mlp_kind
 
     d, h = cfg.dim, cfg.hidden_dim
     attn = d * (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * d

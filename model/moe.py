@@ -22,6 +22,7 @@ from torch import nn
 from kiln import kernels
 from kiln.model.config import MoEConfig
 
+kernels.load()  # the torch implementations, with the model: a first call under torch.compile meets no import
 
 
 def load_balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from kiln import kernels
-from kiln.model.config import ModelConfig
+from kiln.model.config import ModelConfig, mlp_kind
 from kiln.model.moe import MoE, SwiGLUExperts
 
+
+kernels.load()  # the torch implementations, with the model: a first call under torch.compile meets no import
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm with a learned gain."""
@@ -79,13 +81,6 @@ class SwiGLU(nn.Module):
 
 # MLP blocks by `model.mlp`: (model config, expert device) -> block.
 MLP_BLOCKS = {"swiglu": lambda cfg, expert_device=None: SwiGLU(cfg), "moe": MoE.from_model_config}
-
-
-def mlp_kind(cfg: ModelConfig, layer: int) -> str:
-    """The MLP block of layer `layer`: model.mlp, except dense where model.moe skips a layer."""
-    if cfg.mlp == "moe" and not cfg.moe.is_moe_layer(layer):
-        return "swiglu"
-    return cfg.mlp
 
 
 class Block(nn.Module):

@@ -26,13 +26,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.distributed as dist
 import yaml
 
 from kiln.data.errors import storage_message
 from kiln.infer.checkpoint_manifest import ManifestError, verify_manifest, write_manifest
 from kiln.trainer.errors import CheckpointError  # noqa: F401 (defined without torch, for the CLI)
+
+# torch is imported inside the functions that use it: the `kiln` CLI reads run folders through this
+# module (latest_tag, saved_recipe, check_compatible) without paying torch's import
 
 
 def ckpt_root(run_dir: Path) -> Path:
@@ -124,6 +125,8 @@ def save(engine, run_dir: Path, step: int, parts: dict, recipe_dict: dict, keep:
     """Save engine + the parts' state for `step` (collective: every rank calls it); publish it
     (manifest, then `latest`) and prune old ones. `background`: DeepSpeed's files are written by
     a thread and published when every rank is done (kiln.trainer.checkpoint_async)."""
+    import torch
+    import torch.distributed as dist
     from kiln.trainer import checkpoint_async
 
     root, tag = ckpt_root(run_dir), tag_for(step)
@@ -212,6 +215,7 @@ def _writing(run_dir: Path, tag: str):
     """A write that fails (full disk, quota, file size limit: torch.save reports these as
     RuntimeError) becomes one line; the half-written tag goes, and `latest` still names the
     previous checkpoint, which is complete."""
+    import torch.distributed as dist
     try:
         yield
     except (OSError, RuntimeError) as e:
@@ -244,6 +248,7 @@ def load(engine, run_dir: Path, parts: dict) -> dict | None:
     """Restore the newest checkpoint into `engine` and the parts; returns kiln's state, or None
     if there is no checkpoint. Its files are checked against its manifest first: DeepSpeed
     unpickles its own files in full, so it is handed only files whose checksums verify."""
+    import torch.distributed as dist
     tag = latest_tag(run_dir)
     if tag is None:
         return None
@@ -306,6 +311,7 @@ def _way_out(run_dir: Path, tag: str) -> str:
 
 def _rng_state() -> dict:
     """Every generator's state as tensors and plain values (loadable with weights_only=True)."""
+    import torch
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
@@ -317,12 +323,14 @@ def _rng_state() -> dict:
 def _load_rng(path: Path) -> dict:
     """An RNG file, never unpickling code: weights_only=True; the numpy arrays of files saved by
     an older kiln are let through torch's allow-list (array reconstruction runs no file code)."""
+    import torch
     allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
     with torch.serialization.safe_globals(allowed):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _set_rng_state(state: dict) -> None:
+    import torch
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     keys = keys.numpy() if torch.is_tensor(keys) else keys

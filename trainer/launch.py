@@ -72,15 +72,29 @@ def init_distributed(device, timeout_s: float = 600.0) -> None:
 def extensions_root() -> Path:
     """The folder torch JIT-builds C++ extensions into (DeepSpeed's shm comm op on CPU):
     TORCH_EXTENSIONS_DIR, else torch's default build root and a py<ver>_<accelerator> folder, as
-    torch.utils.cpp_extension._get_build_directory names them."""
+    torch.utils.cpp_extension._get_build_directory names them. Worked out without importing torch
+    (the parent process runs this before every launch): the build root is torch's user cache dir
+    (XDG_CACHE_HOME or ~/.cache, then torch_extensions) and the accelerator is read from the
+    installed torch/version.py."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    import torch
-    from torch.utils.cpp_extension import get_default_build_root
+    version = _torch_version_info()
+    acc = (f"rocm{version['hip'].replace('.', '')}" if version.get("hip") else
+           f"cu{version['cuda'].replace('.', '')}" if version.get("cuda") else "cpu")
+    root = os.path.realpath(os.path.join(os.getenv("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                         "torch_extensions"))
+    return Path(root) / f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}_{acc}"
 
-    acc = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
-           f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
-    return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}_{acc}"
+
+def _torch_version_info() -> dict:
+    """torch.version's values (cuda, hip, ...) from the installed file, without importing torch."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    values: dict = {}
+    if spec and spec.submodule_search_locations:
+        exec(Path(spec.submodule_search_locations[0], "version.py").read_text(), values)  # noqa: S102 (torch's own file)
+    return values
 
 
 def lock_holders(lock: Path) -> list[int] | None:
@@ -141,7 +155,7 @@ def launch_local(nproc: int, run_dir: Path, data_dir: Path, device: str = "auto"
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    if device == "cpu" or (device == "auto" and not _cuda_available()):
+    if device == "cpu" or (device == "auto" and not cuda_available()):
         env.setdefault("DS_ACCELERATOR", "cpu")  # else every rank warns that it fell back to CPU
     env["KILN_PARENT_PID"] = str(os.getpid())
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
@@ -166,7 +180,11 @@ def launch_local(nproc: int, run_dir: Path, data_dir: Path, device: str = "auto"
     return relay.finish(rc, f"the newest checkpoint, {tag}, is kept" if tag else "no checkpoint was saved yet")
 
 
-def _cuda_available() -> bool:
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch where no GPU driver is installed (no
+    /dev/nvidiactl, /dev/nvidia0 or /dev/kfd): the CLI's parent process then never loads torch."""
+    if not any(os.path.exists(f"/dev/{node}") for node in ("nvidiactl", "nvidia0", "kfd")):
+        return False
     import torch
 
     return torch.cuda.is_available()

@@ -7,7 +7,6 @@ import time
 
 import highspy
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from kiln.parallel.placement.io import PlacementError
 
@@ -97,6 +96,8 @@ def assignment(cost: np.ndarray) -> np.ndarray:
     """Minimum-cost perfect assignment of a square matrix (scipy's linear_sum_assignment, exact):
     returns col[r] for each row r. Entries may be +inf for forbidden pairs."""
     c = np.asarray(cost, dtype=np.float64)
+    from scipy.optimize import linear_sum_assignment  # 0.9 s of import: only where an assignment runs
+
     try:
         rows, col = linear_sum_assignment(c)
     except ValueError:  # scipy: "cost matrix is infeasible"

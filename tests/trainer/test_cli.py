@@ -32,6 +32,29 @@ def test_help_lists_commands():
     assert kiln("--version").stdout.strip() == f"kiln {version('kiln')}"
 
 
+def _torch_imports(stderr: str) -> list[str]:
+    """The torch modules in a `python -X importtime` listing (that process's imports only)."""
+    names = [ln.split("|")[-1].strip() for ln in stderr.splitlines() if ln.startswith("import time:")]
+    assert "kiln.trainer.config" in names, "the listing is missing"
+    return [m for m in names if m == "torch" or m.startswith("torch.")]
+
+
+def test_the_cli_parent_process_never_imports_torch(small_recipe):
+    """The `kiln` process itself reads the recipe, prepares the data and starts the ranks without
+    torch (2-4 s of import on every call, for --help and for one-line errors too); only the ranks
+    import it. -X importtime lists the parent's imports (the ranks do not inherit the flag)."""
+    def cli(*args):
+        return subprocess.run([sys.executable, "-X", "importtime", "-m", "kiln.trainer.cli", *map(str, args)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    res = cli("train", small_recipe, "--set", "train.steps=1", "--set", "train.nproc=1", "--set", "checkpoint.every=0")
+    assert res.returncode == 0 and "step      1/1" in res.stdout, res.stderr[-3000:]  # the ranks had torch
+    assert "kiln.trainer.launch" in res.stderr and _torch_imports(res.stderr) == []
+    for args in (["--help"], ["config", small_recipe], ["prepare", small_recipe]):
+        res = cli(*args)
+        assert res.returncode == 0 and _torch_imports(res.stderr) == [], args
+
+
 def test_config_prints_resolved_recipe_and_reference():
     res = kiln("config", ROOT / "recipes/tiny.yaml", "--set", "train.steps=3")
     assert "steps: 3" in res.stdout and "name: tiny" in res.stdout

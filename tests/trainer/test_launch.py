@@ -2,6 +2,7 @@
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -83,6 +84,23 @@ def test_relay_shows_the_report_when_a_rank_crashed(capsys):
     r.interrupted = True
     r.pump(__import__("io").BytesIO(crash + AGENT_REPORT))
     assert r.finish(1) == 130 and capsys.readouterr().err == "step 1\n"
+
+
+@pytest.mark.parametrize("cache", ["xdg", "home"])
+def test_extensions_root_is_torchs_build_folder(tmp_path, monkeypatch, cache):
+    """kiln names torch's JIT build folder without importing torch: the same folder torch builds in."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from kiln.trainer.launch import extensions_root
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    if cache == "xdg":
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    else:
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert Path(_get_build_directory("some_op", verbose=False)).parent == extensions_root()
+    assert str(extensions_root()).startswith(str(tmp_path)) and "torch" in sys.modules
 
 
 def test_a_stale_build_lock_is_removed(tmp_path, monkeypatch):

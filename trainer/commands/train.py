@@ -111,11 +111,12 @@ def _device_memory(device: str) -> tuple[int | None, str]:
     """(bytes, what): one GPU's memory when the ranks use CUDA, else the machine's (cgroup limit included)."""
     import os
 
-    if device != "cpu":
+    from kiln.trainer.launch import cuda_available
+
+    if device != "cpu" and cuda_available():
         import torch
 
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_properties(0).total_memory, "one GPU"
+        return torch.cuda.get_device_properties(0).total_memory, "one GPU"
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
